@@ -1,0 +1,1 @@
+"""Converters: PyTorch and TensorFlow/Keras models to ONNX, each export checked for fidelity."""

@@ -1,0 +1,1 @@
+"""Bundled reference models and their data."""

@@ -1,0 +1,58 @@
+"""The ``onnxpress`` command line: one module per subcommand, each with ``add_parser`` and ``run``.
+
+Exit status: 0 ok, 2 usage or input error, 3 a pass failed, 4 validation failed. Errors that
+onnxpress raises on purpose print one line; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from onnxpress import __version__
+from onnxpress.errors import EXIT_USAGE, OnnxpressError
+
+#: Subcommand modules under onnxpress.cli, in the order ``--help`` lists them.
+COMMANDS: tuple[str, ...] = ("inspect_cmd", "passes_cmd", "compress_cmd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="onnxpress",
+        description="Shrink trained models for batch inference, and prove they still work.",
+    )
+    parser.add_argument("--version", action="version", version=f"onnxpress {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"onnxpress.cli.{name}")
+        sub = module.add_parser(subparsers)
+        sub.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI and returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except OnnxpressError as exc:
+        print(f"onnxpress {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"onnxpress {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

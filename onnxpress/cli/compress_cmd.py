@@ -1,0 +1,91 @@
+"""``onnxpress compress MODEL -o OUT``: run a preset or a recipe over a model."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from onnxpress import __version__
+from onnxpress.errors import InputError
+from onnxpress.model_io import load_model, save_model
+from onnxpress.pipeline import Pipeline, StepRecord
+from onnxpress.recipes import apply_overrides, load_preset, load_recipe
+from onnxpress.report import model_file_bytes, steps_table, summary_table, write_json
+from onnxpress.stats import model_stats
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "compress",
+        help="run a preset or recipe of passes over a model",
+        description="Run the steps of a preset or recipe over MODEL and write the result to OUT. "
+        "Prints a before/after table; --report writes every step's record as JSON.",
+    )
+    parser.add_argument("model", help="the input .onnx file (never modified)")
+    parser.add_argument("-o", "--output", required=True, help="where to write the compressed model")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a shipped preset (see `onnxpress passes`)")
+    source.add_argument("--recipe", help="a recipe file, YAML or JSON")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="STEP.OPTION=VALUE",
+        help="override an option; STEP is a step number (from 1) or a pass name; repeatable",
+    )
+    parser.add_argument("--report", help="write the step records to this JSON file")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--external-data", action="store_true",
+        help="write the constants to OUT.data (automatic above 1.5 GB)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_preset(args.preset) if args.preset else load_recipe(args.recipe)
+    apply_overrides(recipe, args.overrides)
+    pipeline = Pipeline.from_recipe(recipe)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise InputError(f"{out}: the output already exists; pass --force to replace it")
+    model = load_model(args.model)
+    pipeline.preflight(model)
+    before = model_stats(model)
+    file_before = model_file_bytes(args.model, model)
+    start = time.perf_counter()
+    bar = tqdm(total=len(pipeline.steps), unit="step", disable=args.no_progress or None, leave=False)
+
+    def on_step(index: int, total: int, name: str, record: StepRecord | None) -> None:
+        if record is None:
+            bar.set_description(f"{index}/{total} {name}")
+        else:
+            bar.update(1)
+
+    try:
+        records = pipeline.run(model, on_step=on_step)
+    finally:
+        bar.close()
+    save_model(model, out, force=args.force, external_data=args.external_data or None, source=args.model)
+    seconds = time.perf_counter() - start
+    after = model_stats(model)
+    file_after = model_file_bytes(out, load_model(out))
+    print(steps_table(records))
+    print()
+    print(summary_table(before, after, file_before, file_after))
+    print(f"\nwrote {out} in {seconds:.2f}s")
+    if args.report:
+        write_json(args.report, {
+            "onnxpress": __version__,
+            "python": platform.python_version(),
+            "input": str(args.model),
+            "output": str(out),
+            "recipe": {"name": recipe.name, "source": recipe.source},
+            "steps": [r.to_dict() for r in records],
+            "before": before.to_dict() | {"file_bytes": file_before},
+            "after": after.to_dict() | {"file_bytes": file_after},
+            "seconds": round(seconds, 3),
+        })
+    return 0

@@ -1,0 +1,92 @@
+"""prune-dead: remove what no output depends on.
+
+Removes nodes whose outputs nobody reads, initializers nobody reads (in the main graph and in
+every subgraph), graph inputs that are only initializers (they become plain constants), and
+local functions and opset imports that nothing uses. Node removal, function and opset clean-up
+are onnx_ir's passes; this pass adds the subgraph initializers and the counting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+
+from onnxpress.graphs import graph_likes
+from onnxpress.passes.base import OnnxpressPass
+from onnxpress.passes.registry import register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PruneDeadConfig:
+    """prune-dead has no options."""
+
+
+def _remove_unused_subgraph_initializers(model: ir.Model) -> int:
+    count = 0
+    for graph in graph_likes(model):
+        if not isinstance(graph, ir.Graph) or graph is model.graph:
+            continue
+        outputs = frozenset(graph.outputs)
+        inputs = frozenset(graph.inputs)
+        for value in list(graph.initializers.values()):
+            if not value.uses() and value not in outputs and value not in inputs:
+                del graph.initializers[value.name]
+                count += 1
+    return count
+
+
+def _remove_initializer_inputs(model: ir.Model) -> int:
+    """Drops graph inputs of the main graph that are also initializers."""
+    count = 0
+    for value in list(model.graph.inputs):
+        if value.is_initializer():
+            model.graph.inputs.remove(value)
+            count += 1
+    return count
+
+
+@register
+class PruneDeadPass(OnnxpressPass):
+    """Remove unused nodes, initializers, initializer inputs, functions and opset imports."""
+
+    name = "prune-dead"
+    Config = PruneDeadConfig
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        inputs = _remove_initializer_inputs(model)
+        nodes_before = sum(1 for g in graph_likes(model) for _ in g)
+        inits_before = sum(len(g.initializers) for g in graph_likes(model) if isinstance(g, ir.Graph))
+        functions_before = len(model.functions)
+        opsets_before = len(model.opset_imports) + sum(len(f.opset_imports) for f in model.functions.values())
+
+        ir_common.RemoveUnusedNodesPass()(model)
+        subgraph_inits = _remove_unused_subgraph_initializers(model)
+        ir_common.RemoveUnusedFunctionsPass()(model)
+        ir_common.RemoveUnusedOpsetsPass()(model)
+
+        nodes = nodes_before - sum(1 for g in graph_likes(model) for _ in g)
+        inits = inits_before - sum(len(g.initializers) for g in graph_likes(model) if isinstance(g, ir.Graph))
+        functions = functions_before - len(model.functions)
+        opsets = opsets_before - len(model.opset_imports) - sum(
+            len(f.opset_imports) for f in model.functions.values()
+        )
+        self.details = {
+            "nodes": nodes,
+            "initializers": inits,
+            "initializer_inputs": inputs,
+            "functions": functions,
+            "opset_imports": opsets,
+        }
+        del subgraph_inits
+        count = nodes + inits + inputs + functions + opsets
+        logger.info(
+            "prune-dead removed %d nodes, %d initializers, %d initializer inputs, "
+            "%d functions, %d opset imports",
+            nodes, inits, inputs, functions, opsets,
+        )
+        return ir.passes.PassResult(model, modified=bool(count))

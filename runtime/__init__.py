@@ -1,0 +1,1 @@
+"""Runtime: batch inference and validation on onnxruntime."""

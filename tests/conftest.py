@@ -1,0 +1,61 @@
+"""Shared test helpers: parse ONNX text, run in onnxruntime, compare outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+
+def parse(text: str) -> onnx.ModelProto:
+    """Parses and checks a model written in ONNX text."""
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model)
+    return model
+
+
+def to_ir(proto: onnx.ModelProto) -> ir.Model:
+    return ir.from_proto(proto)
+
+
+def run_ort(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Runs a model in onnxruntime on the CPU."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def random_feeds(proto: onnx.ModelProto, rng: np.random.Generator, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Fresh random inputs for every graph input that is not an initializer."""
+    dims = dims or {}
+    inits = {i.name for i in proto.graph.initializer}
+    feeds = {}
+    for inp in proto.graph.input:
+        if inp.name in inits:
+            continue
+        tensor_type = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param, 3) for d in tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        if dtype == np.bool_:
+            feeds[inp.name] = rng.random(shape) > 0.5
+        elif np.issubdtype(dtype, np.integer):
+            feeds[inp.name] = rng.integers(0, 5, size=shape).astype(dtype)
+        else:
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def assert_bit_identical(expected: list[np.ndarray], actual: list[np.ndarray]) -> None:
+    """Every output has the same dtype, shape and bytes."""
+    assert len(expected) == len(actual)
+    for e, a in zip(expected, actual, strict=True):
+        assert e.dtype == a.dtype and e.shape == a.shape
+        assert e.tobytes() == a.tobytes()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng()
