@@ -114,7 +114,7 @@ class DedupConstantsPass(OnnxpressPass):
             own = tables[0]
             for value, tensor in _candidates(graph):
                 keeper = next((k for t in tables if (k := t.find(tensor)) is not None), None)
-                if keeper is None or keeper.type != value.type or not replace_output(value, keeper):
+                if keeper is None or not replace_output(value, keeper):
                     own.add(value, tensor)
                     continue
                 _remove_duplicate(graph, value)

@@ -243,4 +243,13 @@ class FoldConstantsPass(OnnxpressPass):
                 name = out.name
                 out.name = None
                 constant.outputs[0].name = name
+        inputs = [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
+        for value in inputs:  # constants only this node read are dead now
+            if value.uses() or value.is_graph_output():
+                continue
+            producer = value.producer()
+            if producer is not None and producer.op_type == "Constant" and producer.graph is not None:
+                producer.graph.remove(producer, safe=True)
+            elif value.is_initializer() and value.graph is not None and value.name in value.graph.initializers:
+                del value.graph.initializers[value.name]

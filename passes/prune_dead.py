@@ -26,8 +26,7 @@ class PruneDeadConfig:
     """prune-dead has no options."""
 
 
-def _remove_unused_subgraph_initializers(model: ir.Model) -> int:
-    count = 0
+def _remove_unused_subgraph_initializers(model: ir.Model) -> None:
     for graph in graph_likes(model):
         if not isinstance(graph, ir.Graph) or graph is model.graph:
             continue
@@ -36,8 +35,6 @@ def _remove_unused_subgraph_initializers(model: ir.Model) -> int:
         for value in list(graph.initializers.values()):
             if not value.uses() and value not in outputs and value not in inputs:
                 del graph.initializers[value.name]
-                count += 1
-    return count
 
 
 def _remove_initializer_inputs(model: ir.Model) -> int:
@@ -59,22 +56,20 @@ class PruneDeadPass(OnnxpressPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         inputs = _remove_initializer_inputs(model)
-        nodes_before = sum(1 for g in graph_likes(model) for _ in g)
-        inits_before = sum(len(g.initializers) for g in graph_likes(model) if isinstance(g, ir.Graph))
+        nodes_before = _count_nodes(model)
+        inits_before = _count_initializers(model)
         functions_before = len(model.functions)
-        opsets_before = len(model.opset_imports) + sum(len(f.opset_imports) for f in model.functions.values())
+        opsets_before = _count_opsets(model)
 
         ir_common.RemoveUnusedNodesPass()(model)
-        subgraph_inits = _remove_unused_subgraph_initializers(model)
+        _remove_unused_subgraph_initializers(model)
+        nodes = nodes_before - _count_nodes(model)
+        inits = inits_before - _count_initializers(model)
         ir_common.RemoveUnusedFunctionsPass()(model)
         ir_common.RemoveUnusedOpsetsPass()(model)
-
-        nodes = nodes_before - sum(1 for g in graph_likes(model) for _ in g)
-        inits = inits_before - sum(len(g.initializers) for g in graph_likes(model) if isinstance(g, ir.Graph))
         functions = functions_before - len(model.functions)
-        opsets = opsets_before - len(model.opset_imports) - sum(
-            len(f.opset_imports) for f in model.functions.values()
-        )
+        opsets = opsets_before - _count_opsets(model)
+
         self.details = {
             "nodes": nodes,
             "initializers": inits,
@@ -82,11 +77,21 @@ class PruneDeadPass(OnnxpressPass):
             "functions": functions,
             "opset_imports": opsets,
         }
-        del subgraph_inits
-        count = nodes + inits + inputs + functions + opsets
         logger.info(
             "prune-dead removed %d nodes, %d initializers, %d initializer inputs, "
             "%d functions, %d opset imports",
             nodes, inits, inputs, functions, opsets,
         )
-        return ir.passes.PassResult(model, modified=bool(count))
+        return ir.passes.PassResult(model, modified=bool(nodes + inits + inputs + functions + opsets))
+
+
+def _count_nodes(model: ir.Model) -> int:
+    return sum(1 for g in graph_likes(model) for _ in g)
+
+
+def _count_initializers(model: ir.Model) -> int:
+    return sum(len(g.initializers) for g in graph_likes(model) if isinstance(g, ir.Graph))
+
+
+def _count_opsets(model: ir.Model) -> int:
+    return len(model.opset_imports) + sum(len(f.opset_imports) for f in model.functions.values())

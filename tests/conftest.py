@@ -59,3 +59,28 @@ def assert_bit_identical(expected: list[np.ndarray], actual: list[np.ndarray]) -
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng()
+
+
+def apply_passes(proto: onnx.ModelProto, *names: str) -> tuple[onnx.ModelProto, list]:
+    """Runs passes by name on a copy of ``proto``; returns the checked result and the records."""
+    from onnxpress.pipeline import Pipeline
+
+    model = ir.from_proto(proto)
+    records = Pipeline.from_names(*names).run(model)
+    out = ir.to_proto(model)
+    onnx.checker.check_model(out, full_check=True)
+    return out, records
+
+
+def assert_same_outputs(
+    before: onnx.ModelProto, after: onnx.ModelProto, rng: np.random.Generator, trials: int = 3, **kw
+) -> None:
+    """Both models give bit-identical outputs on fresh random inputs."""
+    for _ in range(trials):
+        feeds = random_feeds(before, rng, **kw)
+        assert_bit_identical(run_ort(before, feeds), run_ort(after, feeds))
+
+
+def op_types(proto: onnx.ModelProto) -> list[str]:
+    """Op types of the main graph's nodes, in order."""
+    return [n.op_type for n in proto.graph.node]
