@@ -16,6 +16,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "fold_constants",
     "dedup_constants",
     "cse",
+    "prune_magnitude",
 )
 
 _REGISTRY: dict[str, type[OnnxpressPass]] = {}

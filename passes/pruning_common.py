@@ -1,0 +1,425 @@
+"""What the pruning passes share: finding weight layers, reading calibration statistics, fixing biases.
+
+A *weight layer* is a ``Conv``, ``Gemm`` or ``MatMul`` whose weight operand is a constant
+(an initializer or a ``Constant`` node, see :func:`onnxpress.graphs.constant_value`). For each
+one this module records which weight axis indexes the output channels and which the input
+channels, and which axis of the data operand carries those input channels:
+
+=========================  ==========  =========  =====================
+layer                      weight      out axis   in axis (data axis)
+=========================  ==========  =========  =====================
+``Conv``                   ``[O, C/g, k...]``  0  1 (data axis 1)
+``Gemm`` (``transB=0``)    ``[K, N]``  1          0 (data axis -1, or 0 with ``transA``)
+``Gemm`` (``transB=1``)    ``[N, K]``  0          1
+``MatMul`` (2-D weight)    ``[K, N]``  1          0 (data axis -1)
+=========================  ==========  =========  =====================
+
+Calibration statistics are read by running the model in onnxruntime with the wanted
+intermediate values added as graph outputs, one batch at a time, and reducing each batch to
+per-channel sums at once, so memory stays at one batch.
+
+Bias correction (:func:`correct_output_means`) is the data-aware, post-training repair both
+passes offer. Pruning shifts a layer's output mean; for each corrected layer, in graph order,
+
+    b' = b + E[y_ref] - E[y_pruned]
+
+where ``E`` is the per-output-channel mean over the calibration batches, ``y_ref`` the
+layer's output in the original model and ``y_pruned`` its output in the model as pruned and
+corrected so far. Correcting in graph order means each layer also absorbs the drift the
+layers before it left (the "bias correction" of Nagel et al., 2019, measured rather than
+derived from a Gaussian assumption). A layer with no bias gets one (``Conv`` and ``Gemm`` take
+a third input; a ``MatMul`` without a following constant ``Add`` gets a new ``Add``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxpress.graphs import constant_value, describe_node, graph_likes
+from onnxpress.passes.base import CalibrationBatch
+from onnxpress.sessions import session_options
+
+logger = logging.getLogger(__name__)
+
+#: Op types whose constant weight the pruning passes can rewrite.
+WEIGHT_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+@dataclass
+class WeightLayer:
+    """A node with a constant, prunable weight.
+
+    Attributes:
+        node: The Conv, Gemm or MatMul.
+        weight: The value holding the weight (an initializer or a Constant's output).
+        name: The weight's name (the node's name when the weight has none).
+        out_axis: Weight axis that indexes output channels.
+        in_axis: Weight axis that indexes input channels (per group for a grouped Conv).
+        data: The data operand whose channels the weight reads.
+        data_axis: Axis of ``data`` that holds those input channels (may be negative).
+        groups: Conv ``group`` (1 elsewhere).
+        graph: The graph or function the node lives in.
+    """
+
+    node: ir.Node
+    weight: ir.Value
+    name: str
+    out_axis: int
+    in_axis: int
+    data: ir.Value
+    data_axis: int
+    groups: int
+    graph: ir.Graph | ir.Function
+
+    @property
+    def output(self) -> ir.Value:
+        return self.node.outputs[0]
+
+    @property
+    def output_axis(self) -> int:
+        """Axis of the layer's output that holds its output channels."""
+        return 1 if self.node.op_type == "Conv" else -1
+
+    def array(self) -> np.ndarray:
+        tensor = constant_value(self.weight)
+        assert tensor is not None
+        return tensor.numpy()
+
+    def describe(self) -> str:
+        return f"{self.name} in {describe_node(self.node)}"
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
+
+
+def weight_layer(node: ir.Node, graph: ir.Graph | ir.Function) -> tuple[WeightLayer | None, str]:
+    """The node as a weight layer, or None and the reason it is not one."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
+        return None, "not a Conv, Gemm or MatMul"
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return None, "missing operands"
+    weight = node.inputs[1]
+    tensor = constant_value(weight)
+    if tensor is None:
+        return None, "the weight is not a constant"
+    if tensor.dtype not in _FLOAT_TYPES:
+        return None, f"the weight is {tensor.dtype.name}, not floating point"
+    rank = len(tensor.shape)
+    name = weight.name or node.name or node.op_type
+    op = node.op_type
+    if op == "Conv":
+        if rank < 3:
+            return None, f"Conv weight of rank {rank}"
+        return WeightLayer(node, weight, name, 0, 1, node.inputs[0], 1, _int_attr(node, "group", 1), graph), ""
+    if rank != 2:
+        return None, f"{op} weight of rank {rank} (only 2-D weights are pruned)"
+    if op == "Gemm":
+        trans_a = _int_attr(node, "transA", 0)
+        trans_b = _int_attr(node, "transB", 0)
+        out_axis, in_axis = (0, 1) if trans_b else (1, 0)
+        return WeightLayer(node, weight, name, out_axis, in_axis, node.inputs[0], 0 if trans_a else -1, 1, graph), ""
+    return WeightLayer(node, weight, name, 1, 0, node.inputs[0], -1, 1, graph), ""
+
+
+def find_weight_layers(
+    model: ir.Model, ops: Sequence[str] = WEIGHT_OPS
+) -> Iterator[WeightLayer]:
+    """Every weight layer of the model (subgraphs and functions included), each weight once."""
+    seen: set[int] = set()
+    for graph in graph_likes(model):
+        for node in graph:
+            if node.op_type not in ops:
+                continue
+            layer, _ = weight_layer(node, graph)
+            if layer is None or id(layer.weight) in seen:
+                continue
+            seen.add(id(layer.weight))
+            yield layer
+
+
+def matches(patterns: Iterable[str], *names: str | None) -> bool:
+    """Whether any glob pattern matches any of the names."""
+    return any(n and fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+def parse_ratios(entries: Sequence[str], option_name: str, *, upper: float = 1.0) -> list[tuple[str, float]]:
+    """Reads ``PATTERN=FRACTION`` entries (a glob on layer names and a fraction in ``[0, upper)``).
+
+    Raises:
+        ValueError: An entry without ``=`` or with a fraction out of range, naming the entry.
+    """
+    parsed = []
+    for entry in entries:
+        pattern, sep, raw = entry.rpartition("=")
+        if not sep or not pattern:
+            raise ValueError(f"{option_name}: expected PATTERN=FRACTION (e.g. 'fc1.weight=0.9'), got {entry!r}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{option_name}: {entry!r}: {raw!r} is not a number") from None
+        if not 0.0 <= value < upper:
+            raise ValueError(f"{option_name}: {entry!r}: the fraction must be in [0, {upper}), got {value}")
+        parsed.append((pattern, value))
+    return parsed
+
+
+def ratio_for(layer_names: Sequence[str | None], ratios: Sequence[tuple[str, float]]) -> float | None:
+    """The fraction the last matching ``PATTERN=FRACTION`` entry gives, or None."""
+    found = None
+    for pattern, value in ratios:
+        if matches([pattern], *layer_names):
+            found = value
+    return found
+
+
+def set_constant(value: ir.Value, array: np.ndarray) -> None:
+    """Replaces the tensor a constant value holds (an initializer or a Constant node's output)."""
+    tensor = ir.tensor(array, name=value.name)
+    if value.is_initializer():
+        value.const_value = tensor
+    else:
+        producer = value.producer()
+        assert producer is not None and producer.op_type == "Constant"
+        producer.attributes["value"] = ir.AttrTensor("value", tensor)
+        value.const_value = tensor
+    value.shape = ir.Shape(array.shape)
+
+
+def new_initializer(graph: ir.Graph | ir.Function, array: np.ndarray, hint: str) -> ir.Value:
+    """A new constant in ``graph`` (an initializer, or a Constant node in a function)."""
+    tensor = ir.tensor(array)
+    if isinstance(graph, ir.Graph):
+        taken = {v.name for v in graph.initializers.values()}
+        name = hint
+        for i in itertools.count(1):
+            if name not in taken:
+                break
+            name = f"{hint}_{i}"
+        tensor.name = name
+        value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape), const_value=tensor)
+        graph.register_initializer(value)
+        return value
+    node = ir.node("Constant", inputs=[], attributes={"value": tensor})
+    graph.insert_before(next(iter(graph)), node)
+    node.outputs[0].name = hint
+    node.outputs[0].const_value = tensor
+    return node.outputs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data
+# ---------------------------------------------------------------------------------------------
+
+
+def take_batches(
+    calibration: Iterable[CalibrationBatch] | None, model: ir.Model, max_batches: int
+) -> list[dict[str, np.ndarray]]:
+    """Up to ``max_batches`` batches, keeping only the keys the model takes as inputs.
+
+    Raises:
+        ValueError: A batch misses an input of the model (named), or there is no batch.
+    """
+    if calibration is None:
+        return []
+    names = [v.name for v in model.graph.inputs if not v.is_initializer()]
+    batches = []
+    for i, batch in enumerate(itertools.islice(calibration, max_batches)):
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise ValueError(
+                f"calibration batch {i} has no array for the model input(s) {missing}; it has {sorted(batch)}"
+            )
+        batches.append({n: np.asarray(batch[n]) for n in names})
+    if not batches:
+        raise ValueError("the calibration data holds no batch")
+    return batches
+
+
+def _session_with_outputs(model: ir.Model | bytes, names: Sequence[str]) -> tuple[ort.InferenceSession, list[str]]:
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            existing.add(name)
+    options = session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, list(names)
+
+
+def run_with_outputs(
+    model: ir.Model | bytes, names: Sequence[str], batches: Sequence[dict[str, np.ndarray]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Runs the model over the batches, yielding the named values (graph inputs included) per batch."""
+    input_names = set(batches[0]) if batches else set()
+    wanted = [n for n in names if n not in input_names]
+    session, _ = _session_with_outputs(model, wanted)
+    for batch in batches:
+        results = dict(zip(wanted, session.run(wanted, batch), strict=True)) if wanted else {}
+        yield {n: (batch[n] if n in input_names else results[n]) for n in names}
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel sums over every calibration element along one axis."""
+
+    total: np.ndarray
+    squares: np.ndarray
+    count: int
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def norm(self) -> np.ndarray:
+        """``||X_c||_2`` over all calibration elements of channel c (Wanda's activation norm)."""
+        return np.sqrt(self.squares)
+
+
+def _reduce(array: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, int]:
+    moved = np.moveaxis(array.astype(np.float64, copy=False), axis, 0).reshape(array.shape[axis], -1)
+    return moved.sum(axis=1), np.square(moved).sum(axis=1), moved.shape[1]
+
+
+def channel_stats(
+    model: ir.Model | bytes, requests: dict[str, int], batches: Sequence[dict[str, np.ndarray]]
+) -> dict[str, ChannelStats]:
+    """Per-channel sum, sum of squares and count of the named values along the given axes."""
+    stats: dict[str, ChannelStats] = {}
+    names = list(requests)
+    for values in run_with_outputs(model, names, batches):
+        for name in names:
+            total, squares, count = _reduce(values[name], requests[name])
+            if name in stats:
+                stats[name].total += total
+                stats[name].squares += squares
+                stats[name].count += count
+            else:
+                stats[name] = ChannelStats(total, squares, count)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Bias correction
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BiasTarget:
+    """A layer whose output mean is to be restored.
+
+    Attributes:
+        layer: The weight layer.
+        kept: Output channels the layer still has, as indices into the original ones (None: all).
+    """
+
+    layer: WeightLayer
+    kept: np.ndarray | None = None
+
+
+def _bias_value(layer: WeightLayer, channels: int, dtype: np.dtype) -> tuple[ir.Value | None, str]:
+    """The constant bias of a layer, created when missing; None with a reason when it cannot be."""
+    node = layer.node
+    graph = layer.graph
+    if node.op_type in ("Conv", "Gemm"):
+        if len(node.inputs) >= 3 and node.inputs[2] is not None:
+            bias = node.inputs[2]
+            tensor = constant_value(bias)
+            if tensor is None:
+                return None, "its bias is not a constant"
+            if tuple(tensor.shape) != (channels,) or len(bias.uses()) != 1:
+                return None, f"its bias has shape {tuple(tensor.shape)} or is shared"
+            return bias, ""
+        if node.op_type == "Gemm" and _int_attr(node, "transA", 0):
+            return None, "Gemm with transA"
+        value = new_initializer(graph, np.zeros(channels, dtype), f"{layer.name}_bias")
+        node.resize_inputs(3)
+        node.replace_input_with(2, value)
+        return value, ""
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) == 1 and uses[0].node.op_type == "Add" and not out.is_graph_output():
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        tensor = constant_value(other)
+        if tensor is not None and tuple(tensor.shape) == (channels,) and len(other.uses()) == 1:
+            return other, ""
+    if out.is_graph_output():
+        return None, "its output is a graph output"
+    value = new_initializer(graph, np.zeros(channels, dtype), f"{layer.name}_bias")
+    add = ir.node("Add", inputs=[out, value])
+    graph.insert_after(node, add)
+    for use in list(out.uses()):
+        if use.node is not add:
+            use.node.replace_input_with(use.idx, add.outputs[0])
+    add.outputs[0].name = f"{out.name}_biased"
+    return value, ""
+
+
+def correct_output_means(
+    reference: bytes,
+    model: ir.Model,
+    targets: Sequence[BiasTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+) -> dict[str, str]:
+    """Restores each target layer's per-channel output mean, in graph order (see the module doc).
+
+    Args:
+        reference: The original model, serialized before pruning.
+        model: The pruned model, changed in place.
+        targets: Layers to correct; only main-graph layers are corrected.
+        batches: Calibration batches (model inputs only).
+
+    Returns:
+        Layer name -> ``"corrected"`` or the reason it was not.
+    """
+    outcome: dict[str, str] = {}
+    order = {id(node): i for i, node in enumerate(model.graph)}
+    usable = []
+    for target in targets:
+        if target.layer.graph is not model.graph or id(target.layer.node) not in order:
+            outcome[target.layer.name] = "skipped: not in the main graph"
+            continue
+        usable.append(target)
+    usable.sort(key=lambda t: order[id(t.layer.node)])
+    if not usable:
+        return outcome
+    names = {t.layer.output.name: t.layer.output_axis for t in usable}
+    reference_stats = channel_stats(reference, names, batches)
+    for target in usable:
+        layer = target.layer
+        out_name = layer.output.name
+        assert out_name is not None
+        axis = layer.output_axis
+        current = channel_stats(model, {out_name: axis}, batches)[out_name].mean
+        wanted = reference_stats[out_name].mean
+        if target.kept is not None:
+            wanted = wanted[target.kept]
+        if wanted.shape != current.shape:
+            outcome[layer.name] = f"skipped: {wanted.shape[0]} reference channels, {current.shape[0]} now"
+            continue
+        dtype = layer.array().dtype
+        bias, reason = _bias_value(layer, current.shape[0], dtype)
+        if bias is None:
+            outcome[layer.name] = f"skipped: {reason}"
+            continue
+        old = constant_value(bias)
+        assert old is not None
+        set_constant(bias, (old.numpy().astype(np.float64) + (wanted - current)).astype(dtype))
+        outcome[layer.name] = "corrected"
+        logger.debug("bias of %s corrected by up to %.4g", layer.describe(), float(np.abs(wanted - current).max()))
+    return outcome
