@@ -1,0 +1,157 @@
+r"""Streaming error metrics between a reference output and a candidate output.
+
+Batches are folded into running sums, so validation over a large dataset keeps only a few
+numbers per output plus one cosine per sample. With reference ``r`` and candidate ``c``
+(each sample flattened to a vector):
+
+* max / mean absolute error: :math:`\max |r - c|`, :math:`\frac{1}{n}\sum |r - c|` over all elements;
+* relative L2 error: :math:`\lVert r - c \rVert_2 / \lVert r \rVert_2` over the whole output;
+* cosine per sample: :math:`\frac{r \cdot c}{\lVert r \rVert \lVert c \rVert}` (1 when both are
+  zero; 0 when one is); mean and minimum over samples;
+* top-1 agreement (outputs that hold class scores, ``[N, C]``): the share of samples whose
+  arg-max is the same;
+* SQNR (used by localization): :math:`10 \log_{10} \frac{\sum r^2}{\sum (r - c)^2}` dB.
+
+The absolute-error histogram uses fixed logarithmic bins (``1e-10`` to ``1e4``), so it streams
+and two reports are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Edges of the absolute-error histogram: 0, then 1e-10 ... 1e4, four bins a decade.
+HISTOGRAM_EDGES = np.concatenate([[0.0], np.logspace(-10, 4, 57)])
+#: Reported instead of an infinite SQNR (identical values).
+MAX_SQNR_DB = 200.0
+
+#: Output names that hold features, not class scores, even when shaped ``[N, C]``.
+_NOT_SCORES = re.compile(r"embed|hidden|feature|pool|state|vector|encod", re.IGNORECASE)
+
+
+def holds_class_scores(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether an output looks like class scores: floating ``[N, C]`` with ``C >= 2``, not named as features."""
+    return (
+        len(shape) == 2 and shape[1] >= 2 and np.issubdtype(dtype, np.floating)
+        and not _NOT_SCORES.search(name)
+    )
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)``, capped at :data:`MAX_SQNR_DB` (no noise)."""
+    if noise <= 0.0 or not math.isfinite(noise):
+        return MAX_SQNR_DB if noise <= 0.0 else -MAX_SQNR_DB
+    if signal <= 0.0:
+        return -MAX_SQNR_DB
+    return float(min(MAX_SQNR_DB, 10.0 * math.log10(signal / noise)))
+
+
+@dataclass
+class OutputMetrics:
+    """Accumulated comparison of one output; feed batches with :meth:`update`."""
+
+    name: str
+    class_scores: bool = False
+    elements: int = 0
+    samples: int = 0
+    max_abs_error: float = 0.0
+    sum_abs_error: float = 0.0
+    sum_sq_error: float = 0.0
+    sum_sq_reference: float = 0.0
+    top1_matches: int = 0
+    nonfinite: int = 0
+    shape_mismatch: str = ""
+    cosines: list[np.ndarray] = field(default_factory=list, repr=False)
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(HISTOGRAM_EDGES), dtype=np.int64), repr=False)
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """Folds one batch in (first axis = samples)."""
+        if reference.shape != candidate.shape:
+            self.shape_mismatch = f"reference {list(reference.shape)} vs candidate {list(candidate.shape)}"
+            return
+        if self.samples == 0:
+            self.class_scores = holds_class_scores(self.name, reference.shape, reference.dtype)
+        r = reference.astype(np.float64, copy=False).reshape(len(reference), -1) if reference.ndim else reference.reshape(1, 1).astype(np.float64)
+        c = candidate.astype(np.float64, copy=False).reshape(r.shape)
+        diff = r - c
+        finite = np.isfinite(diff)
+        self.nonfinite += int(diff.size - np.count_nonzero(finite))
+        diff = np.where(finite, diff, 0.0)
+        abs_diff = np.abs(diff)
+        self.elements += diff.size
+        self.samples += len(r)
+        if abs_diff.size:
+            self.max_abs_error = max(self.max_abs_error, float(abs_diff.max()))
+        self.sum_abs_error += float(abs_diff.sum())
+        self.sum_sq_error += float(np.square(diff).sum())
+        self.sum_sq_reference += float(np.square(np.where(np.isfinite(r), r, 0.0)).sum())
+        zero = abs_diff == 0
+        self.histogram[0] += int(np.count_nonzero(zero))
+        if abs_diff.size:
+            idx = np.searchsorted(HISTOGRAM_EDGES[1:], abs_diff[~zero], side="left") + 1
+            np.add.at(self.histogram, np.clip(idx, 1, len(HISTOGRAM_EDGES) - 1), 1)
+        dot = np.einsum("ij,ij->i", r, c)
+        norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
+        both_zero = (np.linalg.norm(r, axis=1) == 0) & (np.linalg.norm(c, axis=1) == 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+        self.cosines.append(np.nan_to_num(cos, nan=0.0).astype(np.float64))
+        if self.class_scores:
+            self.top1_matches += int(np.count_nonzero(reference.argmax(axis=1) == candidate.argmax(axis=1)))
+
+    @property
+    def mean_abs_error(self) -> float:
+        return self.sum_abs_error / self.elements if self.elements else 0.0
+
+    @property
+    def rel_l2_error(self) -> float:
+        if self.sum_sq_reference == 0:
+            return 0.0 if self.sum_sq_error == 0 else float("inf")
+        return math.sqrt(self.sum_sq_error / self.sum_sq_reference)
+
+    @property
+    def cosine_values(self) -> np.ndarray:
+        return np.concatenate(self.cosines) if self.cosines else np.zeros(0)
+
+    @property
+    def mean_cosine(self) -> float:
+        values = self.cosine_values
+        return float(values.mean()) if values.size else 1.0
+
+    @property
+    def min_cosine(self) -> float:
+        values = self.cosine_values
+        return float(values.min()) if values.size else 1.0
+
+    @property
+    def top1_agreement(self) -> float | None:
+        """Percentage of samples with the same arg-max, or None for outputs that are not class scores."""
+        return 100.0 * self.top1_matches / self.samples if self.class_scores and self.samples else None
+
+    @property
+    def sqnr_db(self) -> float:
+        return sqnr_db(self.sum_sq_reference, self.sum_sq_error)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs_error": self.max_abs_error,
+            "mean_abs_error": self.mean_abs_error,
+            "rel_l2_error": self.rel_l2_error,
+            "mean_cosine": self.mean_cosine,
+            "min_cosine": self.min_cosine,
+            "top1_agreement": self.top1_agreement,
+            "sqnr_db": self.sqnr_db,
+            "samples": self.samples,
+            "nonfinite_differences": self.nonfinite,
+            "shape_mismatch": self.shape_mismatch or None,
+            "abs_error_histogram": {
+                "edges": [float(e) for e in HISTOGRAM_EDGES],
+                "counts": [int(c) for c in self.histogram],
+                "note": "counts[0]: exactly equal; counts[i]: edges[i-1] < |error| <= edges[i]",
+            },
+        }

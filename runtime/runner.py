@@ -1,0 +1,295 @@
+"""Batch inference over a data source with onnxruntime: checked inputs, padded fixed batches, resumable shards.
+
+:class:`BatchRunner` opens a model through :func:`onnxpress.sessions.load_session`, checks a
+data source against the model's inputs before the first batch (names, dtypes, per-row shapes,
+named dimensions that must agree across inputs), and runs it batch by batch. A model whose
+batch dimension is a fixed number ``B`` runs in batches of ``B``; the last batch is padded by
+repeating its last row and the outputs are trimmed back.
+
+:meth:`BatchRunner.run` writes the outputs with :class:`onnxpress.runtime.shards.ShardWriter`:
+shards of whole batches, each written atomically, and a manifest rewritten atomically after
+each shard. Because the shard boundaries depend only on the batch size and the rows per shard
+(both kept in the manifest), a resumed run recomputes exactly the rows that no committed shard
+holds and writes the same files an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxpress.errors import InputError
+from onnxpress.runtime.data import InputSource, iter_slices, open_source
+from onnxpress.sessions import load_session
+
+logger = logging.getLogger(__name__)
+
+#: onnxruntime's type strings to numpy dtypes.
+ORT_DTYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+#: ``progress(rows_done, rows_total)``, called after every batch.
+ProgressCallback = Callable[[int, int], None]
+
+Dim = int | str | None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype and dimensions (an int, a symbolic name, or None)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[Dim, ...]
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size when the first dimension is a fixed number."""
+        return self.dims[0] if self.dims and isinstance(self.dims[0], int) else None
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.dims)
+        return f"{self.dtype}[{dims}]"
+
+
+def input_specs(session: ort.InferenceSession) -> list[InputSpec]:
+    """The session's inputs as :class:`InputSpec` (a dimension of -1 or unnamed is None)."""
+    specs = []
+    for arg in session.get_inputs():
+        dtype = ORT_DTYPES.get(arg.type)
+        if dtype is None:
+            raise InputError(f"input {arg.name!r} has type {arg.type}, which batch inference does not feed")
+        dims = tuple(d if isinstance(d, str) or (isinstance(d, int) and d >= 0) else None for d in arg.shape)
+        specs.append(InputSpec(arg.name, dtype, dims))
+    return specs
+
+
+def check_source(specs: Sequence[InputSpec], source_specs: Mapping[str, Any], where: str) -> dict[str, int]:
+    """Checks data arrays against the model's inputs and binds the symbolic dimensions.
+
+    Args:
+        specs: The model's inputs.
+        source_specs: ``{name: ArraySpec}`` of the data (``dtype`` and ``row_shape``).
+        where: What the data is, for messages (a path).
+
+    Returns:
+        ``{dim_name: value}`` for the named dimensions after the first.
+
+    Raises:
+        InputError: An input is missing, or its dtype, rank or a dimension differs from what
+            the model expects; the message names the input and the expectation.
+    """
+    missing = [s.name for s in specs if s.name not in source_specs]
+    if missing:
+        raise InputError(
+            f"{where}: the model needs input {missing[0]!r} ({_spec_of(specs, missing[0]).describe()}), "
+            f"but the data holds only {sorted(source_specs)}"
+        )
+    bound: dict[str, tuple[int, str]] = {}
+    for spec in specs:
+        data = source_specs[spec.name]
+        if data.dtype != spec.dtype and not np.can_cast(data.dtype, spec.dtype, "safe"):
+            raise InputError(
+                f"{where}: input {spec.name!r} is {data.dtype}, but the model expects {spec.dtype} "
+                f"({spec.describe()}); convert it (e.g. array.astype(np.{spec.dtype.name}))"
+            )
+        row_dims = spec.dims[1:]
+        if len(data.row_shape) != len(row_dims):
+            raise InputError(
+                f"{where}: input {spec.name!r} has rows of shape {list(data.row_shape)} (rank {len(data.row_shape) + 1} "
+                f"with the sample axis), but the model expects {spec.describe()} (rank {len(spec.dims)})"
+            )
+        for axis, (want, got) in enumerate(zip(row_dims, data.row_shape, strict=True), start=1):
+            if isinstance(want, int) and want != got:
+                raise InputError(
+                    f"{where}: input {spec.name!r} has size {got} on axis {axis}, but the model expects "
+                    f"{want} ({spec.describe()})"
+                )
+            if isinstance(want, str):
+                if want in bound and bound[want][0] != got:
+                    other_value, other = bound[want]
+                    raise InputError(
+                        f"{where}: dimension {want!r} is {other_value} in input {other!r} but {got} in "
+                        f"input {spec.name!r}; the model needs them equal"
+                    )
+                bound.setdefault(want, (got, spec.name))
+    return {k: v for k, (v, _) in bound.items()}
+
+
+def _spec_of(specs: Sequence[InputSpec], name: str) -> InputSpec:
+    return next(s for s in specs if s.name == name)
+
+
+@dataclass
+class RunResult:
+    """What :meth:`BatchRunner.run` did."""
+
+    output: Path
+    rows: int
+    rows_computed: int
+    shards: int
+    seconds: float
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.rows_computed / self.seconds if self.seconds > 0 else float("nan")
+
+
+class BatchRunner:
+    """Runs one model over batches of named arrays.
+
+    Example::
+
+        runner = BatchRunner("model.onnx", batch_size=64)
+        result = runner.run("inputs.npz", "outputs/", resume=True)
+
+    Args:
+        model: The model file (opened with :func:`onnxpress.sessions.load_session`).
+        batch_size: Rows per batch; a model with a fixed batch dimension uses its own.
+        threads: onnxruntime intra-op threads (its default when None).
+        session: An already open session to use instead of opening ``model``.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        batch_size: int = 32,
+        threads: int | None = None,
+        session: ort.InferenceSession | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        self.model_path = Path(model)
+        self.session = session if session is not None else load_session(self.model_path, threads=threads)
+        self.inputs = input_specs(self.session)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        fixed = {s.fixed_batch for s in self.inputs}
+        self.fixed_batch: int | None = None
+        if len(fixed) == 1 and (f := next(iter(fixed))) is not None:
+            self.fixed_batch = f
+            if batch_size != f:
+                logger.warning("the model's batch size is fixed at %d; running batches of %d (not %d)", f, f, batch_size)
+            batch_size = f
+        self.batch_size = batch_size
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    def check(self, source: InputSource) -> dict[str, int]:
+        """Checks a source against the model's inputs; see :func:`check_source`."""
+        return check_source(self.inputs, source.specs, str(source.path))
+
+    def run_batch(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs one batch, padding it to a fixed batch size and trimming the outputs back."""
+        rows = len(next(iter(feeds.values())))
+        prepared = {}
+        for spec in self.inputs:
+            array = feeds[spec.name]
+            if array.dtype != spec.dtype:
+                array = array.astype(spec.dtype)
+            if self.fixed_batch is not None and rows < self.fixed_batch:
+                pad = [(0, self.fixed_batch - rows)] + [(0, 0)] * (array.ndim - 1)
+                array = np.pad(array, pad, mode="edge")
+            prepared[spec.name] = array
+        outputs = self.session.run(self.output_names, prepared)
+        if self.fixed_batch is not None and rows < self.fixed_batch:
+            outputs = [o[:rows] for o in outputs]
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def iter_outputs(
+        self, source: InputSource, *, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """Yields ``(start, stop, outputs)`` for each batch from row ``start`` on."""
+        stop = source.num_rows if stop is None else min(stop, source.num_rows)
+        for lo, hi in iter_slices(stop, self.batch_size, start):
+            yield lo, hi, self.run_batch(source.read(lo, hi, self.input_names))
+
+    def run(
+        self,
+        data: str | os.PathLike[str] | InputSource,
+        output: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        force: bool = False,
+        output_format: str = "npz",
+        shard_rows: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> RunResult:
+        """Runs the model over every row of ``data`` and writes the outputs to ``output``.
+
+        Args:
+            data: A path (see :func:`onnxpress.runtime.data.open_source`) or an open source.
+            output: A folder of shards plus ``manifest.json``; a path ending in ``.parquet``
+                gets one Parquet file, assembled from the shards once all are written.
+            resume: Continue a run that stopped (crash, kill, Ctrl-C) in ``output``.
+            force: Replace an existing output instead of refusing.
+            output_format: ``"npz"`` or ``"parquet"`` shards (a ``.parquet`` output implies it).
+            shard_rows: Rows per shard, a multiple of the batch size (chosen from the output
+                size when None: about 64 MiB per shard).
+            progress: Called with ``(rows_done, rows_total)`` after each batch.
+
+        Raises:
+            InputError: The data does not fit the model, or the output exists without
+                ``resume``/``force``, or a resumed output was started with other data or another model.
+        """
+        from onnxpress.runtime.shards import ShardWriter, assemble_parquet, run_fingerprint
+
+        source = data if not isinstance(data, (str, os.PathLike)) else open_source(data, self.input_names)
+        try:
+            self.check(source)
+            output = Path(output)
+            single_parquet = output.suffix == ".parquet"
+            folder = output.with_name(output.name + ".parts") if single_parquet else output
+            fmt = "parquet" if single_parquet else output_format
+            if single_parquet and output.exists() and not force:
+                raise InputError(f"{output}: the output already exists; pass --force to replace it")
+            fingerprint = run_fingerprint(self.model_path, source.path, source.num_rows, self.batch_size)
+            writer = ShardWriter.open(
+                folder, fingerprint=fingerprint, resume=resume, force=force, output_format=fmt,
+                batch_size=self.batch_size, shard_rows=shard_rows, total_rows=source.num_rows,
+            )
+            start_row = writer.rows_done
+            if start_row:
+                logger.info("resuming at row %d of %d (%d shards done)", start_row, source.num_rows, len(writer.shards))
+            began = time.perf_counter()
+            if progress is not None:
+                progress(start_row, source.num_rows)
+            for _, hi, outputs in self.iter_outputs(source, start=start_row):
+                writer.add(outputs)
+                if progress is not None:
+                    progress(hi, source.num_rows)
+            writer.finish()
+            seconds = time.perf_counter() - began
+            if single_parquet:
+                assemble_parquet(folder, output, force=force)
+            return RunResult(
+                output=output, rows=source.num_rows, rows_computed=source.num_rows - start_row,
+                shards=len(writer.shards), seconds=seconds, resumed_from=start_row,
+            )
+        finally:
+            if isinstance(data, (str, os.PathLike)):
+                source.close()

@@ -1,0 +1,534 @@
+"""Compare a candidate model with its reference on the same batches and give a verdict.
+
+:func:`validate` runs both models (each through :class:`~onnxpress.runtime.runner.BatchRunner`,
+so fixed batch sizes are padded) over the same batches of real data, or of random data built
+from the reference's input specs when there is none (the report then warns that random inputs
+are a weak signal). Per output it reports the metrics of :mod:`onnxpress.runtime.metrics`;
+with labels, each model's accuracy; each artifact's size on disk (external data included);
+each model's throughput at the batch size (median of timed runs after warm-up, the two models
+interleaved so machine noise hits both alike); optionally the per-node localization table of
+:mod:`onnxpress.runtime.localize`. The verdict checks :class:`Tolerances`.
+
+The returned :class:`ValidationReport` serializes to the JSON the CLI writes (``to_dict``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpress import __version__
+from onnxpress.errors import InputError, RecipeError
+from onnxpress.report import format_table, human_bytes, write_json
+from onnxpress.runtime.data import ArraySource, InputSource, iter_slices, open_source
+from onnxpress.runtime.localize import NodeError, localize as localize_nodes
+from onnxpress.runtime.metrics import OutputMetrics
+from onnxpress.runtime.runner import BatchRunner, InputSpec
+
+logger = logging.getLogger(__name__)
+
+#: Random inputs generated when no data is given.
+DEFAULT_RANDOM_SAMPLES = 128
+#: Data keys read as labels when the data holds them and the model does not take them.
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+WEAK_SIGNAL_WARNING = (
+    "no --data: inputs are random, drawn from the model's input specs; random inputs are a weak "
+    "signal (they miss the distribution the model was trained on); validate on real batches"
+)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Limits the verdict checks; None switches a check off.
+
+    Attributes:
+        min_cosine: Every output's *mean* cosine (over samples) must reach this.
+        min_worst_cosine: Every output's *minimum* cosine over samples must reach this.
+        max_abs_error: Every output's maximum absolute error must stay within this.
+        max_mean_abs_error: Every output's mean absolute error must stay within this.
+        max_rel_l2: Every output's relative L2 error must stay within this.
+        min_top1_agreement: Percent of samples whose top-1 class agrees (class-score outputs).
+        max_accuracy_drop: Reference accuracy minus candidate accuracy, percentage points
+            (needs labels).
+        min_speedup: Candidate throughput / reference throughput must reach this.
+        max_size_ratio: Candidate size / reference size must stay within this.
+    """
+
+    min_cosine: float | None = 0.99
+    min_worst_cosine: float | None = None
+    max_abs_error: float | None = None
+    max_mean_abs_error: float | None = None
+    max_rel_l2: float | None = None
+    min_top1_agreement: float | None = None
+    max_accuracy_drop: float | None = 1.0
+    min_speedup: float | None = None
+    max_size_ratio: float | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "tolerances") -> Tolerances:
+        """Builds tolerances from a mapping (a recipe's ``validate:`` section), keys as the fields.
+
+        Raises:
+            RecipeError: An unknown key or a value that is not a number (or null).
+        """
+        names = {f.name for f in fields(cls)}
+        values: dict[str, float | None] = {}
+        for key, value in data.items():
+            key = str(key).replace("-", "_")
+            if key not in names:
+                raise RecipeError(f"{source}.{key}: unknown tolerance; known: {', '.join(sorted(names))}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise RecipeError(f"{source}.{key}: expected a number or null, got {value!r}")
+            values[key] = None if value is None else float(value)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verdict line: what was checked, the value, the limit and whether it held."""
+
+    name: str
+    value: float | None
+    limit: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"check": self.name, "value": self.value, "limit": self.limit, "passed": self.passed}
+
+
+@dataclass
+class ModelRun:
+    """One side of the comparison: the artifact, its size, throughput and accuracy."""
+
+    path: str
+    size_bytes: int
+    samples_per_second: float | None = None
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "size_bytes": self.size_bytes,
+            "samples_per_second": self.samples_per_second, "accuracy": self.accuracy,
+        }
+
+
+@dataclass
+class ValidationReport:
+    """Everything :func:`validate` measured, and the verdict.
+
+    Attributes:
+        outputs: Per output name, its :class:`~onnxpress.runtime.metrics.OutputMetrics`
+            (``.mean_cosine``, ``.max_abs_error``, ``.top1_agreement`` ...).
+        passed: Whether every check held.
+    """
+
+    reference: ModelRun
+    candidate: ModelRun
+    data: str
+    samples: int
+    batch_size: int
+    outputs: dict[str, OutputMetrics]
+    tolerances: Tolerances
+    checks: list[Check] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    label_output: str | None = None
+    speed_repeats: int = 0
+    localization: list[NodeError] | None = None
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        if self.reference.accuracy is None or self.candidate.accuracy is None:
+            return None
+        return self.reference.accuracy - self.candidate.accuracy
+
+    @property
+    def speedup(self) -> float | None:
+        r, c = self.reference.samples_per_second, self.candidate.samples_per_second
+        return c / r if r and c else None
+
+    @property
+    def size_ratio(self) -> float | None:
+        return self.candidate.size_bytes / self.reference.size_bytes if self.reference.size_bytes else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report: metrics per output, models, verdict, localization table."""
+        return {
+            "onnxpress": __version__,
+            "verdict": "pass" if self.passed else "fail",
+            "passed": self.passed,
+            "reference": self.reference.to_dict(),
+            "candidate": self.candidate.to_dict(),
+            "data": self.data,
+            "samples": self.samples,
+            "batch_size": self.batch_size,
+            "warnings": self.warnings,
+            "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
+            "accuracy": None if self.accuracy_drop is None else {
+                "output": self.label_output,
+                "reference": self.reference.accuracy,
+                "candidate": self.candidate.accuracy,
+                "drop_points": self.accuracy_drop,
+            },
+            "size": {"reference_bytes": self.reference.size_bytes, "candidate_bytes": self.candidate.size_bytes,
+                     "ratio": self.size_ratio},
+            "speed": None if self.speedup is None else {
+                "batch_size": self.batch_size, "repeats": self.speed_repeats,
+                "reference_samples_per_second": self.reference.samples_per_second,
+                "candidate_samples_per_second": self.candidate.samples_per_second,
+                "speedup": self.speedup,
+            },
+            "tolerances": self.tolerances.to_dict(),
+            "checks": [c.to_dict() for c in self.checks],
+            "localization": None if self.localization is None else [e.to_dict() for e in self.localization],
+            "seconds": round(self.seconds, 3),
+        }
+
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        """Writes :meth:`to_dict` atomically."""
+        write_json(path, _finite(self.to_dict()))
+
+    def summary(self, localization_rows: int = 10) -> str:
+        """The tables the CLI prints: outputs, models, checks, top localization rows."""
+        rows = [["output", "max abs", "mean abs", "rel L2", "mean cos", "min cos", "top-1 agree"]]
+        for name, m in self.outputs.items():
+            top1 = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2f}%"
+            rows.append([name, f"{m.max_abs_error:.3g}", f"{m.mean_abs_error:.3g}", f"{m.rel_l2_error:.3g}",
+                         f"{m.mean_cosine:.6f}", f"{m.min_cosine:.6f}", top1])
+        parts = [format_table(rows)]
+        model_rows = [["model", "size", "samples/s", "accuracy"]]
+        for label, run in (("reference", self.reference), ("candidate", self.candidate)):
+            model_rows.append([
+                label, human_bytes(run.size_bytes),
+                "-" if run.samples_per_second is None else f"{run.samples_per_second:.1f}",
+                "-" if run.accuracy is None else f"{run.accuracy:.2f}%",
+            ])
+        ratio = ["ratio", f"{self.size_ratio:.3f}x" if self.size_ratio else "-",
+                 f"{self.speedup:.3f}x" if self.speedup else "-",
+                 "-" if self.accuracy_drop is None else f"{-self.accuracy_drop:+.2f} pts"]
+        model_rows.append(ratio)
+        parts.append(format_table(model_rows))
+        if self.localization:
+            loc = [["node", "op", "output", "SQNR in dB", "SQNR out dB", "added dB"]]
+            for e in self.localization[:localization_rows]:
+                loc.append([e.node or "<unnamed>", e.op_type, e.output, f"{e.sqnr_in_db:.1f}",
+                            f"{e.sqnr_out_db:.1f}", f"{e.added_db:.1f}"])
+            parts.append(f"nodes adding the most error (top {min(localization_rows, len(self.localization))}"
+                         f" of {len(self.localization)}):\n" + format_table(loc))
+        if self.checks:
+            check_rows = [["check", "value", "limit", "result"]]
+            for c in self.checks:
+                value = "-" if c.value is None else f"{c.value:.6g}"
+                check_rows.append([c.name, value, f"{c.limit:g}", "pass" if c.passed else "FAIL"])
+            parts.append(format_table(check_rows))
+        parts.extend(f"warning: {w}" for w in self.warnings)
+        parts.append(f"verdict: {'PASS' if self.passed else 'FAIL'} ({self.samples} samples, batch {self.batch_size})")
+        return "\n\n".join(parts)
+
+
+def _finite(data: Any) -> Any:
+    """Replaces inf/nan (not JSON) by strings."""
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_finite(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    return data
+
+
+def artifact_bytes(path: str | os.PathLike[str]) -> int:
+    """Size on disk of a model artifact: the file plus every external data file an ``.onnx`` names."""
+    path = Path(path)
+    size = path.stat().st_size
+    if path.suffix != ".onnx":
+        return size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a file onnx cannot read has no external data we could find
+        return size
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001 - walks subgraphs too
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+
+
+def random_inputs(
+    specs: list[InputSpec], samples: int, dims: Mapping[str, int] | None = None, seed: int | None = None
+) -> dict[str, np.ndarray]:
+    """Random arrays for the model's inputs: ``samples`` rows, named dimensions bound from ``dims``.
+
+    Floats are standard normal; integers are drawn from [0, 2) for names containing ``mask``
+    and [0, 100) otherwise (small enough to be valid token ids); booleans are fair coins.
+
+    Raises:
+        InputError: A named dimension after the first is not bound in ``dims``.
+    """
+    dims = dict(dims or {})
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in specs:
+        shape = [samples]
+        for axis, dim in enumerate(spec.dims[1:], start=1):
+            if isinstance(dim, int):
+                shape.append(dim)
+            elif dim in dims:
+                shape.append(int(dims[dim]))
+            else:
+                label = f"dimension {dim!r}" if dim else f"axis {axis} (unnamed)"
+                hint = f"--dim {dim}=VALUE" if dim else "--data with real inputs"
+                raise InputError(
+                    f"input {spec.name!r} ({spec.describe()}): {label} has no size for random inputs; "
+                    f"bind it with {hint}"
+                )
+        if spec.dtype == np.bool_:
+            arrays[spec.name] = rng.random(shape) > 0.5
+        elif np.issubdtype(spec.dtype, np.integer):
+            high = 2 if "mask" in spec.name.lower() else 100
+            arrays[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
+        else:
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return arrays
+
+
+def _open_data(
+    data: str | os.PathLike[str] | InputSource | Mapping[str, np.ndarray] | None,
+    runner: BatchRunner,
+    samples: int | None,
+    dims: Mapping[str, int] | None,
+    warnings: list[str],
+) -> tuple[InputSource, str]:
+    if data is None:
+        count = samples or DEFAULT_RANDOM_SAMPLES
+        warnings.append(WEAK_SIGNAL_WARNING)
+        return ArraySource(random_inputs(runner.inputs, count, dims), "<random>"), "random"
+    if isinstance(data, Mapping):
+        return ArraySource(dict(data)), "<arrays>"
+    if isinstance(data, (str, os.PathLike)):
+        return open_source(data, runner.input_names), str(data)
+    return data, str(data.path)
+
+
+def _labels(
+    labels: str | os.PathLike[str] | np.ndarray | None, source: InputSource, model_inputs: list[str], rows: int,
+    warnings: list[str],
+) -> np.ndarray | None:
+    if labels is None:
+        key = next((k for k in LABEL_KEYS if k in source.specs and k not in model_inputs), None)
+        if key is None:
+            return None
+        warnings.append(f"labels read from the data's {key!r} array")
+        return np.asarray(source.read(0, rows, [key])[key]).reshape(rows, -1)[:, 0]
+    if not isinstance(labels, np.ndarray):
+        path = Path(labels)
+        if not path.is_file():
+            raise InputError(f"{path}: no such labels file")
+        try:
+            labels = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{path}: not a readable .npy labels file: {exc}") from exc
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"labels: expected a 1-D integer array of class indices, got {labels.dtype}{list(labels.shape)}")
+    if len(labels) < rows:
+        raise InputError(f"labels: {len(labels)} labels for {rows} samples; one label per sample is needed")
+    return labels[:rows]
+
+
+def _measure_speed(
+    reference: BatchRunner, candidate: BatchRunner, feeds: Mapping[str, np.ndarray], repeats: int, warmup: int = 2
+) -> tuple[float, float]:
+    """Median samples/s of each model on one batch, runs interleaved after warm-up."""
+    rows = len(next(iter(feeds.values())))
+    for _ in range(warmup):
+        reference.run_batch(feeds)
+        candidate.run_batch(feeds)
+    times: dict[str, list[float]] = {"r": [], "c": []}
+    for _ in range(repeats):
+        for key, runner in (("r", reference), ("c", candidate)):
+            start = time.perf_counter()
+            runner.run_batch(feeds)
+            times[key].append(time.perf_counter() - start)
+    return rows / statistics.median(times["r"]), rows / statistics.median(times["c"])
+
+
+def _verdict(report: ValidationReport) -> list[Check]:
+    t = report.tolerances
+    checks: list[Check] = []
+    for name, m in report.outputs.items():
+        if m.shape_mismatch:
+            checks.append(Check(f"{name}: same shape ({m.shape_mismatch})", None, 0.0, False))
+            continue
+        if m.nonfinite:
+            checks.append(Check(f"{name}: non-finite differences", float(m.nonfinite), 0.0, False))
+        if t.min_cosine is not None:
+            checks.append(Check(f"{name}: mean cosine >=", m.mean_cosine, t.min_cosine, m.mean_cosine >= t.min_cosine))
+        if t.min_worst_cosine is not None:
+            checks.append(Check(f"{name}: min cosine >=", m.min_cosine, t.min_worst_cosine,
+                                m.min_cosine >= t.min_worst_cosine))
+        if t.max_abs_error is not None:
+            checks.append(Check(f"{name}: max abs error <=", m.max_abs_error, t.max_abs_error,
+                                m.max_abs_error <= t.max_abs_error))
+        if t.max_mean_abs_error is not None:
+            checks.append(Check(f"{name}: mean abs error <=", m.mean_abs_error, t.max_mean_abs_error,
+                                m.mean_abs_error <= t.max_mean_abs_error))
+        if t.max_rel_l2 is not None:
+            checks.append(Check(f"{name}: rel L2 error <=", m.rel_l2_error, t.max_rel_l2, m.rel_l2_error <= t.max_rel_l2))
+        if t.min_top1_agreement is not None and m.top1_agreement is not None:
+            checks.append(Check(f"{name}: top-1 agreement % >=", m.top1_agreement, t.min_top1_agreement,
+                                m.top1_agreement >= t.min_top1_agreement))
+    if t.max_accuracy_drop is not None and report.accuracy_drop is not None:
+        checks.append(Check("accuracy drop (points) <=", report.accuracy_drop, t.max_accuracy_drop,
+                            report.accuracy_drop <= t.max_accuracy_drop))
+    if t.min_speedup is not None:
+        checks.append(Check("speedup >=", report.speedup, t.min_speedup,
+                            report.speedup is not None and report.speedup >= t.min_speedup))
+    if t.max_size_ratio is not None and report.size_ratio is not None:
+        checks.append(Check("size ratio <=", report.size_ratio, t.max_size_ratio, report.size_ratio <= t.max_size_ratio))
+    return checks
+
+
+def validate(
+    reference: str | os.PathLike[str],
+    candidate: str | os.PathLike[str],
+    data: str | os.PathLike[str] | InputSource | Mapping[str, np.ndarray] | None = None,
+    labels: str | os.PathLike[str] | np.ndarray | None = None,
+    batch_size: int = 32,
+    samples: int | None = None,
+    tolerances: Tolerances | None = None,
+    dims: Mapping[str, int] | None = None,
+    measure_speed: bool = True,
+    localize: bool = False,
+    *,
+    threads: int | None = None,
+    speed_repeats: int = 7,
+    localize_batches: int = 4,
+    value_map: Mapping[str, str] | None = None,
+    label_output: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ValidationReport:
+    """Runs both models over the same batches and compares them.
+
+    Args:
+        reference: The reference model file (opened with ``load_session``).
+        candidate: The candidate model file.
+        data: Real inputs: a path (``.npz``/``.npy``/``.parquet``/folder), an open source,
+            or ``{input_name: array}``. None generates random inputs (and warns).
+        labels: Class indices, one per sample (``.npy`` path or array); without them a
+            ``label``/``labels`` array in the data that the model does not take is used.
+        batch_size: Rows per batch (a model with a fixed batch size uses its own).
+        samples: Use only the first ``samples`` rows (random data: how many to draw).
+        tolerances: The verdict's limits (:class:`Tolerances` defaults when None).
+        dims: Sizes of named dimensions for random inputs, e.g. ``{"seq": 128}``.
+        measure_speed: Time both models (median of ``speed_repeats`` runs after warm-up).
+        localize: Add the per-node localization table (:func:`~onnxpress.runtime.localize.localize`).
+        threads: onnxruntime intra-op threads.
+        speed_repeats: Timed runs per model.
+        localize_batches: Batches localization runs.
+        value_map: Reference value name -> candidate value name, for localization.
+        label_output: The output compared with labels (the first class-score output when None).
+        progress: ``progress(rows_done, rows_total)`` after each batch.
+
+    Returns:
+        The report; ``report.passed`` is the verdict.
+
+    Raises:
+        InputError: The data does not fit a model, the models' outputs differ in names, or
+            the labels do not match the data.
+    """
+    began = time.perf_counter()
+    tolerances = tolerances or Tolerances()
+    warnings: list[str] = []
+    ref_runner = BatchRunner(reference, batch_size=batch_size, threads=threads)
+    cand_runner = BatchRunner(candidate, batch_size=batch_size, threads=threads)
+    fixed = [b for b in (ref_runner.fixed_batch, cand_runner.fixed_batch) if b is not None]
+    if fixed:
+        batch_size = min(fixed)
+        ref_runner.batch_size = cand_runner.batch_size = batch_size
+    else:
+        batch_size = ref_runner.batch_size
+    missing = [n for n in ref_runner.output_names if n not in cand_runner.output_names]
+    if missing:
+        raise InputError(
+            f"{candidate}: has no output {missing[0]!r} of the reference (candidate outputs: "
+            f"{', '.join(cand_runner.output_names)})"
+        )
+    source, data_label = _open_data(data, ref_runner, samples, dims, warnings)
+    try:
+        ref_runner.check(source)
+        cand_runner.check(source)
+        rows = source.num_rows if samples is None else min(samples, source.num_rows)
+        if rows == 0:
+            raise InputError(f"{data_label}: no samples to validate on")
+        label_array = _labels(labels, source, ref_runner.input_names, rows, warnings)
+        metrics = {name: OutputMetrics(name) for name in ref_runner.output_names}
+        correct = {"r": 0, "c": 0}
+        if label_array is not None and label_output is None:
+            shapes = {o.name: o.shape for o in ref_runner.session.get_outputs()}
+            label_output = next((n for n in ref_runner.output_names if len(shapes[n]) == 2), None)
+            if label_output is None:
+                raise InputError("labels were given, but no output is shaped [samples, classes]")
+        first_feeds: dict[str, np.ndarray] | None = None
+        inputs = sorted(set(ref_runner.input_names) | set(cand_runner.input_names))
+        for lo, hi in iter_slices(rows, batch_size):
+            feeds = source.read(lo, hi, inputs)
+            if first_feeds is None:
+                first_feeds = feeds
+            ref_out = ref_runner.run_batch(feeds)
+            cand_out = cand_runner.run_batch(feeds)
+            for name, m in metrics.items():
+                m.update(ref_out[name], cand_out[name])
+            if label_array is not None and label_output is not None:
+                truth = label_array[lo:hi]
+                correct["r"] += int(np.count_nonzero(ref_out[label_output].argmax(axis=1) == truth))
+                correct["c"] += int(np.count_nonzero(cand_out[label_output].argmax(axis=1) == truth))
+            if progress is not None:
+                progress(hi, rows)
+        report = ValidationReport(
+            reference=ModelRun(str(reference), artifact_bytes(reference)),
+            candidate=ModelRun(str(candidate), artifact_bytes(candidate)),
+            data=data_label, samples=rows, batch_size=batch_size, outputs=metrics,
+            tolerances=tolerances, warnings=warnings, label_output=label_output if label_array is not None else None,
+        )
+        if label_array is not None:
+            report.reference.accuracy = 100.0 * correct["r"] / rows
+            report.candidate.accuracy = 100.0 * correct["c"] / rows
+        if measure_speed and first_feeds is not None:
+            full = source.read(0, min(batch_size, rows), inputs)
+            report.reference.samples_per_second, report.candidate.samples_per_second = _measure_speed(
+                ref_runner, cand_runner, full, speed_repeats)
+            report.speed_repeats = speed_repeats
+        if localize:
+            # localization runs bare sessions: a fixed batch size gets only full batches
+            batches = (source.read(lo, hi, inputs) for lo, hi in iter_slices(rows, batch_size)
+                       if not fixed or hi - lo == batch_size)
+            report.localization = localize_nodes(reference, candidate, batches, value_map=value_map,
+                                                 max_batches=localize_batches)
+    finally:
+        if not isinstance(data, Mapping) and data is not None and isinstance(data, (str, os.PathLike)):
+            source.close()
+    report.checks = _verdict(report)
+    report.seconds = time.perf_counter() - began
+    logger.info("validated %s against %s on %d samples: %s", candidate, reference, rows,
+                "pass" if report.passed else "fail")
+    return report
