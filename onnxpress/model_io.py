@@ -58,16 +58,17 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (it has no graph or no IR version)")
     try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise InputError(f"{path}: not a valid ONNX model: {first_line}") from exc
-    try:
         model = ir.from_proto(proto)
     except Exception as exc:  # onnx_ir raises several types on malformed graphs
         raise InputError(f"{path}: cannot read the graph: {exc}") from exc
     del proto
     _attach_external_data(model, path)
+    try:
+        # By path, so external data resolves against the model's folder and >2 GB works.
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise InputError(f"{path}: not a valid ONNX model: {first_line}") from exc
     return model
 
 

@@ -1,0 +1,146 @@
+"""Model I/O: safe loading, atomic saving, external data and its location checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import pytest
+
+from conftest import assert_bit_identical, run_ort
+from onnxpress.errors import InputError
+from onnxpress.model_io import load_model, save_model
+
+TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[4,256] x) => (float[4,256] y)
+<float[256,256] w>
+{
+  y = MatMul(x, w)
+}
+"""
+
+
+def _model_with_weight(rng: np.random.Generator) -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(TEXT.replace("<float[256,256] w>", ""))
+    weight = rng.standard_normal((256, 256)).astype(np.float32)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, "w"))
+    return proto
+
+
+def _save_external(proto: onnx.ModelProto, path: Path, location: str) -> None:
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())  # onnx.save rewrites its argument
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=location, size_threshold=0)
+
+
+def test_round_trip_with_external_data_is_memory_mapped(tmp_path: Path, rng) -> None:
+    proto = _model_with_weight(rng)
+    src = tmp_path / "m.onnx"
+    _save_external(proto, src, "m.weights")
+    model = load_model(src)
+    weight = model.graph.initializers["w"].const_value
+    assert isinstance(weight, ir.ExternalTensor)
+    out = save_model(model, tmp_path / "out.onnx", external_data=True, source=src)
+    assert (tmp_path / "out.onnx.data").stat().st_size == 256 * 256 * 4
+    feeds = {"x": rng.standard_normal((4, 256)).astype(np.float32)}
+    assert_bit_identical(run_ort(proto, feeds), run_ort(onnx.load(str(out)), feeds))
+    single = save_model(load_model(src), tmp_path / "single.onnx")
+    assert not (tmp_path / "single.onnx.data").exists()
+    assert_bit_identical(run_ort(proto, feeds), run_ort(onnx.load(str(single)), feeds))
+
+
+def test_existing_output_needs_force_and_input_is_never_overwritten(tmp_path: Path, rng) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_model_with_weight(rng), str(src))
+    original = src.read_bytes()
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"keep me")
+    with pytest.raises(InputError, match="already exists"):
+        save_model(load_model(src), out)
+    assert out.read_bytes() == b"keep me"
+    save_model(load_model(src), out, force=True)
+    assert out.read_bytes() != b"keep me"
+    with pytest.raises(InputError, match="is the input"):
+        save_model(load_model(src), src, force=True, source=src)
+    assert src.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.onnx"]
+
+
+def test_failed_save_leaves_no_partial_file(tmp_path: Path, rng, monkeypatch) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_model_with_weight(rng), str(src))
+    model = load_model(src)
+
+    def broken_save(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ir, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("location", ["/etc/passwd", "../outside.bin", "sub/../../outside.bin"])
+def test_external_data_escaping_the_folder_is_refused(tmp_path: Path, location: str, rng) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    proto = _model_with_weight(rng)
+    _save_external(proto, folder / "m.onnx", "w.bin")
+    # Rewrite the location by hand, as a hostile file would.
+    hostile = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    for entry in hostile.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    (tmp_path / "outside.bin").write_bytes((folder / "w.bin").read_bytes())
+    onnx.save(hostile, str(folder / "m.onnx"))
+    with pytest.raises(InputError, match="outside the model's folder"):
+        load_model(folder / "m.onnx")
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path: Path, rng) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    _save_external(_model_with_weight(rng), folder / "m.onnx", "w.bin")
+    os.replace(folder / "w.bin", tmp_path / "real.bin")
+    os.symlink(tmp_path / "real.bin", folder / "w.bin")
+    with pytest.raises(InputError, match="leads out of the model's folder"):
+        load_model(folder / "m.onnx")
+
+
+def test_missing_or_short_external_data_is_a_clear_error(tmp_path: Path, rng) -> None:
+    _save_external(_model_with_weight(rng), tmp_path / "m.onnx", "w.bin")
+    with open(tmp_path / "w.bin", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(InputError, match="truncated"):
+        load_model(tmp_path / "m.onnx")
+    (tmp_path / "w.bin").unlink()
+    with pytest.raises(InputError, match="does not exist"):
+        load_model(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, this is not a model\n", None])
+def test_empty_truncated_or_foreign_files(tmp_path: Path, content: bytes | None, rng) -> None:
+    path = tmp_path / "bad.onnx"
+    if content is None:
+        data = _model_with_weight(rng).SerializeToString()
+        content = data[: len(data) // 2]
+    path.write_bytes(content)
+    with pytest.raises(InputError, match="bad.onnx"):
+        load_model(path)
+
+
+def test_large_constants_go_to_external_data_automatically(tmp_path: Path, rng, monkeypatch) -> None:
+    import onnxpress.model_io as model_io
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD_BYTES", 100_000)
+    src = tmp_path / "m.onnx"
+    onnx.save(_model_with_weight(rng), str(src))
+    save_model(load_model(src), tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    assert (tmp_path / "big.onnx").stat().st_size < 10_000
