@@ -1,0 +1,374 @@
+"""Resumable output shards: each shard written atomically, a manifest that says what is done.
+
+An output folder holds ``part-00000.npz`` (or ``.parquet``), ``part-00001.npz``, ... and
+``manifest.json``. Every shard holds ``shard_rows`` consecutive rows (the last one fewer), for
+each model output an array whose first axis is the rows. A shard is written to a temporary
+file, flushed to disk and renamed into place; only then is the manifest, which lists the
+committed shards with their row ranges, sizes and SHA-256, rewritten the same way. So at any
+instant -- a crash, a SIGKILL, Ctrl-C -- the manifest names only whole shards, and a resumed
+run starts after the last of them: shard files the manifest does not name (written just before
+the kill) are rewritten, never trusted.
+
+Shards are byte-for-byte reproducible: ``.npz`` shards are written with a fixed zip timestamp
+(``numpy.savez`` stamps the current time), and shard boundaries depend only on ``batch_size``
+and ``shard_rows``, which the manifest keeps. A resumed run therefore writes the same files
+as an uninterrupted one.
+
+The manifest also records a fingerprint of the model and the input (path, size, modification
+time, and a hash of the model file's first MiB); resuming with a different model or input is
+refused instead of mixing outputs of two runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxpress.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "onnxpress-run/1"
+#: Target size of one shard when the caller does not choose ``shard_rows``.
+TARGET_SHARD_BYTES = 64 * 1024**2
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def _file_fingerprint(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"path": str(path)}
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return {"path": str(path.resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    stat = path.stat()
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_first_mib": head}
+
+
+def run_fingerprint(model: Path, data: Path, rows: int, batch_size: int) -> dict[str, Any]:
+    """What a resumed run must match: the model file, the input, its rows and the batch size."""
+    return {"model": _file_fingerprint(model), "input": _file_fingerprint(data), "rows": rows, "batch_size": batch_size}
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Writes bytes to a temporary file beside ``path``, syncs it, and renames it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An uncompressed ``.npz`` (loadable by ``numpy.load``) with a fixed timestamp, so it is reproducible."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def parquet_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A Parquet file, one column per output; rows of more than one element become fixed-size lists.
+
+    Each column's per-row shape is kept in the schema metadata (``onnxpress.shapes``) so
+    :func:`read_outputs` can restore the arrays.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {}
+    shapes = {}
+    for name, array in arrays.items():
+        shapes[name] = list(array.shape[1:])
+        flat = np.ascontiguousarray(array).reshape(len(array), -1)
+        if array.ndim == 1:
+            columns[name] = pa.array(array)
+        else:
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+    table = pa.table(columns).replace_schema_metadata({"onnxpress.shapes": json.dumps(shapes)})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _read_parquet(path: Path) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    shapes = json.loads((table.schema.metadata or {}).get(b"onnxpress.shapes", b"{}"))
+    out = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        shape = shapes.get(name, [])
+        if shape:
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            out[name] = values.reshape((len(column), *shape))
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+@dataclass
+class ShardWriter:
+    """Buffers whole batches and commits them as shards; see the module docstring.
+
+    Use :meth:`open`, then :meth:`add` per batch and :meth:`finish` at the end.
+    """
+
+    folder: Path
+    manifest: dict[str, Any]
+    buffer: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    buffered_rows: int = 0
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.manifest["shards"]
+
+    @property
+    def rows_done(self) -> int:
+        return self.shards[-1]["stop"] if self.shards else 0
+
+    @classmethod
+    def open(
+        cls,
+        folder: Path,
+        *,
+        fingerprint: dict[str, Any],
+        resume: bool,
+        force: bool,
+        output_format: str,
+        batch_size: int,
+        shard_rows: int | None,
+        total_rows: int,
+    ) -> ShardWriter:
+        """Starts a new output folder or, with ``resume``, continues the one there.
+
+        Raises:
+            InputError: The folder holds other files and neither ``resume`` nor ``force`` was
+                given; or the run there was started with another model, input or batch size.
+        """
+        if output_format not in ("npz", "parquet"):
+            raise InputError(f"output format {output_format!r}: expected 'npz' or 'parquet'")
+        if shard_rows is not None:
+            if shard_rows < 1:
+                raise InputError(f"shard rows must be at least 1, got {shard_rows}")
+            shard_rows = -(-shard_rows // batch_size) * batch_size
+        manifest_path = folder / MANIFEST
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder}: exists and is not a folder; outputs go to a folder of shards")
+        if not folder.parent.is_dir():
+            raise InputError(f"{folder}: the parent folder {folder.parent} does not exist")
+        existing = manifest_path.is_file()
+        if existing and resume:
+            manifest = json.loads(manifest_path.read_text())
+            writer = cls(folder, manifest)
+            writer._check_resume(fingerprint, shard_rows)
+            return writer
+        if folder.exists() and any(folder.iterdir()):
+            if force:
+                cls._clear(folder)
+            elif existing:
+                raise InputError(
+                    f"{folder}: holds the outputs of an earlier run; pass --resume to continue it "
+                    "or --force to replace it"
+                )
+            else:
+                raise InputError(f"{folder}: the folder is not empty; choose an empty or new folder (or --force)")
+        folder.mkdir(exist_ok=True)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "fingerprint": fingerprint,
+            "output_format": output_format,
+            "batch_size": batch_size,
+            "shard_rows": shard_rows,
+            "total_rows": total_rows,
+            "outputs": {},
+            "shards": [],
+            "complete": False,
+        }
+        writer = cls(folder, manifest)
+        writer._write_manifest()
+        return writer
+
+    @staticmethod
+    def _clear(folder: Path) -> None:
+        """Removes what a run writes (manifest, shards, temporaries); anything else is refused."""
+        ours = [p for p in folder.iterdir() if p.name == MANIFEST or p.name.startswith(("part-", ".part-", ".manifest"))]
+        others = [p.name for p in folder.iterdir() if p not in ours]
+        if others:
+            raise InputError(f"{folder}: holds files no run wrote ({', '.join(sorted(others)[:3])}); not replacing it")
+        for path in ours:
+            path.unlink()
+
+    def _check_resume(self, fingerprint: dict[str, Any], shard_rows: int | None) -> None:
+        m = self.manifest
+        if m.get("format") != MANIFEST_FORMAT:
+            raise InputError(f"{self.folder / MANIFEST}: not an onnxpress run manifest")
+        old = m["fingerprint"]
+        for key, what in (("model", "model"), ("input", "input data"), ("rows", "number of input rows"),
+                          ("batch_size", "batch size")):
+            if old.get(key) != fingerprint.get(key):
+                raise InputError(
+                    f"{self.folder}: the run there used another {what} ({old.get(key)} vs now {fingerprint.get(key)}); "
+                    "resume with the same model, data and --batch-size, or use --force to start over"
+                )
+        if shard_rows is not None and m["shard_rows"] is not None and shard_rows != m["shard_rows"]:
+            logger.warning("resuming with the run's %d rows per shard (not %d)", m["shard_rows"], shard_rows)
+        for shard in m["shards"]:
+            path = self.folder / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                raise InputError(f"{path}: a committed shard is missing or changed size; use --force to start over")
+        named = {s["file"] for s in m["shards"]} | {MANIFEST}
+        for path in self.folder.iterdir():
+            if path.name not in named and path.name.startswith(("part-", ".part-", ".manifest")):
+                logger.info("removing %s, written after the last committed shard", path.name)
+                path.unlink()
+
+    def _write_manifest(self) -> None:
+        _atomic_write(self.folder / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
+
+    def add(self, outputs: dict[str, np.ndarray]) -> None:
+        """Adds one batch of outputs (each array's first axis = rows); commits full shards."""
+        rows = len(next(iter(outputs.values())))
+        if self.manifest["shard_rows"] is None:
+            row_bytes = sum(a.nbytes // max(1, len(a)) for a in outputs.values())
+            batch = self.manifest["batch_size"]
+            self.manifest["shard_rows"] = batch * max(1, TARGET_SHARD_BYTES // max(1, row_bytes * batch))
+        if not self.manifest["outputs"]:
+            self.manifest["outputs"] = {n: {"dtype": str(a.dtype), "row_shape": list(a.shape[1:])} for n, a in outputs.items()}
+        for name, array in outputs.items():
+            self.buffer.setdefault(name, []).append(array)
+        self.buffered_rows += rows
+        while self.buffered_rows >= self.manifest["shard_rows"]:
+            self._commit(self.manifest["shard_rows"])
+
+    def _commit(self, rows: int) -> None:
+        arrays = {n: np.concatenate(parts) if len(parts) > 1 else parts[0] for n, parts in self.buffer.items()}
+        shard = {n: a[:rows] for n, a in arrays.items()}
+        rest = {n: a[rows:] for n, a in arrays.items()}
+        fmt = self.manifest["output_format"]
+        data = npz_bytes(shard) if fmt == "npz" else parquet_bytes(shard)
+        index = len(self.shards)
+        name = f"part-{index:05d}.{fmt}"
+        _atomic_write(self.folder / name, data)
+        start = self.rows_done
+        self.shards.append({
+            "file": name, "start": start, "stop": start + rows, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        })
+        self._write_manifest()
+        self.buffer = {n: [a] for n, a in rest.items() if len(a)}
+        self.buffered_rows -= rows
+        logger.debug("committed %s (rows %d-%d)", name, start, start + rows)
+
+    def finish(self) -> None:
+        """Commits the last partial shard and marks the run complete."""
+        if self.buffered_rows:
+            self._commit(self.buffered_rows)
+        if self.rows_done != self.manifest["total_rows"]:
+            raise InputError(
+                f"{self.folder}: {self.rows_done} rows written but the input has {self.manifest['total_rows']}"
+            )
+        self.manifest["complete"] = True
+        self._write_manifest()
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of an output folder.
+
+    Raises:
+        InputError: The folder has no manifest.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{folder}: no {MANIFEST}; not an onnxpress run output")
+    return json.loads(path.read_text())
+
+
+def iter_shards(folder: str | os.PathLike[str], *, verify: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Yields each committed shard's outputs in row order (``verify`` checks each SHA-256)."""
+    folder = Path(folder)
+    for shard in read_manifest(folder)["shards"]:
+        path = folder / shard["file"]
+        if verify and hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+            raise InputError(f"{path}: does not match the SHA-256 in the manifest")
+        if path.suffix == ".parquet":
+            yield _read_parquet(path)
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                yield {n: npz[n] for n in npz.files}
+
+
+def read_outputs(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """All outputs of a run (a shard folder or one ``.parquet`` file), concatenated in input order."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".parquet":
+        return _read_parquet(path)
+    parts: dict[str, list[np.ndarray]] = {}
+    for shard in iter_shards(path):
+        for name, array in shard.items():
+            parts.setdefault(name, []).append(array)
+    return {n: np.concatenate(p) for n, p in parts.items()}
+
+
+def assemble_parquet(folder: Path, output: Path, *, force: bool = False) -> None:
+    """Joins a complete folder of Parquet shards into one Parquet file (atomically), then removes the folder."""
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(folder)
+    if not manifest.get("complete"):
+        raise InputError(f"{folder}: the run is not complete; resume it first")
+    if output.exists() and not force:
+        raise InputError(f"{output}: the output already exists; pass --force to replace it")
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    try:
+        writer = None
+        for shard in manifest["shards"]:
+            table = pq.read_table(folder / shard["file"])
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+        if writer is not None:
+            writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    shutil.rmtree(folder)
