@@ -1,0 +1,272 @@
+"""The fidelity check every export goes through: framework vs onnxruntime on the same inputs.
+
+For each batch of inputs (batch size 1 and a larger one) the framework model and the ONNX
+model run on identical arrays, and for each output ``r`` (reference) and ``o`` (onnxruntime):
+
+    max_abs_error = max_i |o_i - r_i|
+    rel_l2_error  = ||o - r||_2 / max(||r||_2, tiny)
+    cosine        = <o, r> / (||o||_2 ||r||_2)      (1 when both are zero)
+    mismatched    = #{i : |o_i - r_i| > atol + rtol |r_i|}   (numpy.allclose's rule)
+
+An output passes when shapes agree, ``mismatched == 0`` (NaN only where the reference has
+NaN) and, when a minimum cosine is asked for, ``cosine >= min_cosine``. The whole record
+passes when every output at every batch size passes. :func:`check_fidelity` never hides a
+failure: :meth:`FidelityRecord.raise_if_failed` turns it into
+:class:`~onnxpress.errors.ValidationFailedError` (exit status 4) naming every output that missed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from onnxpress.errors import InputError, ValidationFailedError
+
+logger = logging.getLogger(__name__)
+
+#: Default absolute tolerance of an fp32 export.
+DEFAULT_ATOL = 1e-4
+#: Default relative tolerance of an fp32 export.
+DEFAULT_RTOL = 1e-3
+#: Default batch sizes checked: 1 and a larger one.
+DEFAULT_BATCH_SIZES = (1, 4)
+
+Reference = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
+
+
+@dataclasses.dataclass
+class OutputFidelity:
+    """How one output of the export compares with the framework at one batch size."""
+
+    name: str
+    batch_size: int
+    shape: list[int]
+    dtype: str
+    max_abs_error: float
+    rel_l2_error: float
+    cosine: float
+    mismatched: int
+    elements: int
+    passed: bool
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FidelityRecord:
+    """Every output at every batch size, the tolerances and where the inputs came from."""
+
+    atol: float
+    rtol: float
+    min_cosine: float | None
+    inputs: str
+    outputs: list[OutputFidelity] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted({o.batch_size for o in self.outputs})
+
+    @property
+    def worst_max_abs_error(self) -> float:
+        return max((o.max_abs_error for o in self.outputs), default=float("nan"))
+
+    @property
+    def min_cosine_seen(self) -> float:
+        return min((o.cosine for o in self.outputs), default=float("nan"))
+
+    @property
+    def worst_rel_l2_error(self) -> float:
+        return max((o.rel_l2_error for o in self.outputs), default=float("nan"))
+
+    def failures(self) -> list[str]:
+        """One line per output and batch size that missed the tolerance."""
+        lines = []
+        for o in self.outputs:
+            if o.passed:
+                continue
+            detail = o.note or (
+                f"{o.mismatched}/{o.elements} elements beyond atol={self.atol:g} + "
+                f"rtol={self.rtol:g}*|ref|, max abs error {o.max_abs_error:.3g}, "
+                f"cosine {o.cosine:.8f}"
+            )
+            lines.append(f"output '{o.name}' at batch size {o.batch_size}: {detail}")
+        return lines
+
+    def summary(self) -> str:
+        """One line: pass or fail, worst errors, batch sizes."""
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"fidelity {verdict}: max abs error {self.worst_max_abs_error:.3g}, "
+            f"rel L2 {self.worst_rel_l2_error:.3g}, min cosine {self.min_cosine_seen:.8f} "
+            f"over {len({o.name for o in self.outputs})} output(s) at batch sizes "
+            f"{', '.join(map(str, self.batch_sizes))} (atol {self.atol:g}, rtol {self.rtol:g}"
+            + (f", min cosine {self.min_cosine:g}" if self.min_cosine is not None else "")
+            + f"; inputs: {self.inputs})"
+        )
+
+    def table(self) -> str:
+        """A fixed-width table, one row per output and batch size."""
+        header = ("output", "batch", "shape", "max abs err", "rel L2 err", "cosine", "ok")
+        rows = [
+            (
+                o.name, str(o.batch_size), "x".join(map(str, o.shape)) or "scalar",
+                f"{o.max_abs_error:.3g}", f"{o.rel_l2_error:.3g}", f"{o.cosine:.8f}",
+                "yes" if o.passed else "NO",
+            )
+            for o in self.outputs
+        ]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "min_cosine": self.min_cosine,
+            "inputs": self.inputs,
+            "batch_sizes": self.batch_sizes,
+            "max_abs_error": self.worst_max_abs_error,
+            "rel_l2_error": self.worst_rel_l2_error,
+            "cosine": self.min_cosine_seen,
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+    def raise_if_failed(self, what: str = "the export") -> None:
+        """Raises ValidationFailedError (exit 4) naming every output that missed."""
+        if not self.passed:
+            raise ValidationFailedError(
+                f"{what} does not match the framework model: " + "; ".join(self.failures())
+                if self.outputs
+                else f"{what}: no outputs were compared"
+            )
+
+
+def compare_output(
+    name: str,
+    batch_size: int,
+    reference: np.ndarray,
+    actual: np.ndarray,
+    *,
+    atol: float,
+    rtol: float,
+    min_cosine: float | None,
+) -> OutputFidelity:
+    """Compares one output; see the module docstring for the metrics."""
+    reference = np.asarray(reference)
+    actual = np.asarray(actual)
+    if reference.shape != actual.shape:
+        return OutputFidelity(
+            name, batch_size, list(actual.shape), str(actual.dtype), float("inf"), float("inf"),
+            float("nan"), int(max(actual.size, reference.size)), int(reference.size), False,
+            f"shape {list(actual.shape)} from onnxruntime but {list(reference.shape)} from the framework",
+        )
+    ref = reference.astype(np.float64).ravel()
+    act = actual.astype(np.float64).ravel()
+    ref_nan, act_nan = np.isnan(ref), np.isnan(act)
+    nan_mismatch = int(np.count_nonzero(ref_nan != act_nan))
+    finite = ~(ref_nan | act_nan)
+    ref_f, act_f = ref[finite], act[finite]
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(act_f - ref_f)
+        same_inf = np.isinf(ref_f) & (ref_f == act_f)
+        diff[same_inf] = 0.0
+        mismatched = int(np.count_nonzero(~(diff <= atol + rtol * np.abs(ref_f)))) + nan_mismatch
+        max_abs = float(diff.max()) if diff.size else 0.0
+        ref_norm = float(np.linalg.norm(np.where(same_inf, 0.0, ref_f)))
+        act_norm = float(np.linalg.norm(np.where(same_inf, 0.0, act_f)))
+        err_norm = float(np.linalg.norm(diff))
+        rel_l2 = err_norm / max(ref_norm, np.finfo(np.float64).tiny) if err_norm else 0.0
+        if ref_norm == 0.0 and act_norm == 0.0:
+            cosine = 1.0
+        elif ref_norm == 0.0 or act_norm == 0.0:
+            cosine = 0.0
+        else:
+            cosine = float(
+                np.dot(np.where(same_inf, 0.0, ref_f), np.where(same_inf, 0.0, act_f))
+                / (ref_norm * act_norm)
+            )
+    passed = mismatched == 0 and (min_cosine is None or cosine >= min_cosine)
+    note = ""
+    if nan_mismatch:
+        note = f"{nan_mismatch} NaN value(s) where the other side has a number"
+    elif mismatched == 0 and not passed:
+        note = f"cosine {cosine:.8f} below the minimum {min_cosine:g}"
+    return OutputFidelity(
+        name, batch_size, list(actual.shape), str(actual.dtype), max_abs, rel_l2, cosine,
+        mismatched, int(ref.size), passed, note,
+    )
+
+
+def check_fidelity(
+    reference: Reference,
+    session: Any,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    min_cosine: float | None = None,
+    inputs: str = "generated",
+) -> FidelityRecord:
+    """Runs the framework and onnxruntime on each batch and records every output.
+
+    Args:
+        reference: The framework model as a function from named numpy inputs to its outputs,
+            flattened in the ONNX model's output order.
+        session: An onnxruntime ``InferenceSession`` of the export.
+        batches: Named inputs, one mapping per batch size.
+        atol: Absolute tolerance.
+        rtol: Relative tolerance.
+        min_cosine: Lowest acceptable cosine per output, or None.
+        inputs: Where the inputs came from, for the record.
+
+    Returns:
+        The record; it is not raised on. Call :meth:`FidelityRecord.raise_if_failed`.
+
+    Raises:
+        InputError: A batch lacks an input the model expects, or the two sides return a
+            different number of outputs.
+    """
+    onnx_inputs = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+    record = FidelityRecord(atol=atol, rtol=rtol, min_cosine=min_cosine, inputs=inputs)
+    for batch in batches:
+        missing = [n for n in onnx_inputs if n not in batch]
+        if missing:
+            raise InputError(
+                f"the check inputs lack {', '.join(missing)}; the ONNX model expects "
+                f"{', '.join(onnx_inputs)} and was given {', '.join(batch)}"
+            )
+        feeds = {n: np.asarray(batch[n]) for n in onnx_inputs}
+        batch_size = int(next(iter(feeds.values())).shape[0]) if feeds and next(
+            iter(feeds.values())).ndim else 1
+        expected = [np.asarray(r) for r in reference(dict(batch))]
+        actual = session.run(None, feeds)
+        if len(expected) != len(actual):
+            raise InputError(
+                f"the framework model returned {len(expected)} output(s) but the ONNX model "
+                f"has {len(actual)} ({', '.join(output_names)})"
+            )
+        for name, ref, act in zip(output_names, expected, actual, strict=True):
+            result = compare_output(
+                name, batch_size, ref, act, atol=atol, rtol=rtol, min_cosine=min_cosine
+            )
+            record.outputs.append(result)
+            logger.debug(
+                "fidelity %s batch %d: max abs %.3g cosine %.8f", name, batch_size,
+                result.max_abs_error, result.cosine,
+            )
+    logger.info("%s", record.summary())
+    return record

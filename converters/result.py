@@ -1,0 +1,137 @@
+"""What a conversion returns, the error for an op no exporter converts, and shared helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxpress.converters.fidelity import FidelityRecord
+from onnxpress.errors import EXIT_PASS_FAILED, OnnxpressError
+from onnxpress.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, EXTERNAL_TENSOR_MIN_BYTES, constant_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class ConversionError(OnnxpressError):
+    """No exporter could convert the model; names the op when the exporter said which.
+
+    Exit status 3, like a failed pass: the input was readable but a step could not be done.
+    """
+
+    exit_code = EXIT_PASS_FAILED
+
+    def __init__(self, message: str, op: str | None = None) -> None:
+        super().__init__(message)
+        self.op = op
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    """An exported model, its fidelity record, and how it was made.
+
+    Unpacks as ``model, fidelity = from_torch(...)``.
+    """
+
+    model: ir.Model
+    fidelity: FidelityRecord
+    exporter: str
+    exporter_note: str
+    opset: int
+    seconds: float
+    inputs: list[str]
+    outputs: list[str]
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.model
+        yield self.fidelity
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "exporter": self.exporter,
+            "exporter_note": self.exporter_note,
+            "opset": self.opset,
+            "seconds": round(self.seconds, 3),
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "fidelity": self.fidelity.to_dict(),
+        }
+
+
+def model_opset(model: ir.Model) -> int:
+    """The default-domain opset the model imports."""
+    return int(model.opset_imports.get("", 0))
+
+
+def describe_value(value: ir.Value) -> str:
+    """``name:d0xd1:dtype`` of a graph input or output."""
+    shape = "x".join(str(d) for d in value.shape) if value.shape is not None else "?"
+    dtype = value.dtype.name.lower() if value.dtype is not None else "?"
+    return f"{value.name}:{shape}:{dtype}"
+
+
+@contextlib.contextmanager
+def saved_for_session(model: ir.Model) -> Iterator[Path]:
+    """Saves the model into a temporary folder (external data when large) for onnxruntime.
+
+    Going through a file, not ``SerializeToString``, keeps models over 2 GB working.
+    """
+    from onnxpress.model_io import _save_inlined
+
+    with tempfile.TemporaryDirectory(prefix="onnxpress-convert-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        if constant_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
+            ir.save(model, path, external_data="model.onnx.data",
+                    size_threshold_bytes=EXTERNAL_TENSOR_MIN_BYTES)
+        else:
+            _save_inlined(model, path)
+        yield path
+
+
+@contextlib.contextmanager
+def captured_stdout(label: str) -> Iterator[io.StringIO]:
+    """Sends what an exporter prints to the debug log instead of the user's terminal."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield buffer
+    finally:
+        text = buffer.getvalue().strip()
+        if text:
+            logger.debug("%s printed:\n%s", label, text)
+
+
+_OP_PATTERNS = (
+    re.compile(r"Unsupported FX nodes: \{'call_function': \[([^\]]+)\]"),
+    re.compile(r"[Uu]nsupported ops?:? .*?Counter\(\{'([^']+)'"),
+    re.compile(r"operator '([\w:.]+)'"),
+    re.compile(r"No (?:decompositions?|ONNX function) (?:registered|found) for .*?'?([\w]+::[\w.]+|[\w]+\.[\w]+\.[\w]+)'?"),
+    re.compile(r"\b((?!torch\b)[a-z_][\w]*::[\w.]+)"),
+    re.compile(r"\btorch\.ops\.([\w]+\.[\w]+)"),
+    re.compile(r"Tensorflow op \[[^\]]*: ([\w]+)\] is not supported"),
+    re.compile(r"\bop[_ ]type[:= ]+'?([\w]+)"),
+)
+
+
+def find_op_name(message: str) -> str | None:
+    """The op an exporter's error message names, if any."""
+    for pattern in _OP_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            return match.group(1).strip().strip("'\"")
+    return None
+
+
+def first_lines(message: str, limit: int = 12) -> str:
+    """The first ``limit`` non-empty lines of a long exporter message."""
+    lines = [line.rstrip() for line in message.strip().splitlines() if line.strip()]
+    text = "\n".join(lines[:limit])
+    return text + ("\n..." if len(lines) > limit else "")

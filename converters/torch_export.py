@@ -1,0 +1,717 @@
+"""PyTorch to ONNX with ``torch.onnx``: the dynamo exporter first, TorchScript as the fallback.
+
+:func:`from_torch` exports an ``nn.Module`` (or a ``torch.export.ExportedProgram``) with the
+inputs described as :class:`~onnxpress.converters.specs.InputSpec` (dynamic dimensions become
+``torch.export.Dim`` objects, shared by name across inputs), then checks the export against
+PyTorch with :func:`~onnxpress.converters.fidelity.check_fidelity` at batch size 1 and a larger
+one. The dynamo exporter (``torch.export`` + onnxscript) gives an ``onnx_ir`` model directly,
+so even models over 2 GB never pass through one protobuf; when it fails, the TorchScript
+exporter is tried and the result records which exporter ran and why.
+
+:func:`load_torch_spec` turns the CLI's SPEC into a module: ``package.module:callable``,
+``path/file.py:callable`` (the callable returns a module, or a module and example inputs), or
+a ``.pt2`` file from ``torch.export.save``. ``torch.export.load`` falls back to unrestricted
+pickle when ``weights_only`` loading fails; onnxpress loads ``.pt2`` files with every
+``torch.load`` forced to ``weights_only=True`` and plain ``pickle.loads`` refused, so an
+untrusted archive cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import pickle
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxpress.converters.fidelity import (
+    DEFAULT_ATOL,
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_RTOL,
+    check_fidelity,
+)
+from onnxpress.converters.result import (
+    ConversionError,
+    ConversionResult,
+    captured_stdout,
+    describe_value,
+    find_op_name,
+    first_lines,
+    model_opset,
+    saved_for_session,
+)
+from onnxpress.converters.specs import (
+    DEFAULT_SEED,
+    Dim,
+    InputSpec,
+    batches_from_data,
+    generate_inputs,
+    load_callable,
+    parse_inputs,
+)
+from onnxpress.errors import InputError
+from onnxpress.sessions import load_session
+
+logger = logging.getLogger(__name__)
+
+#: Opset of the TorchScript fallback when none is asked for.
+TORCHSCRIPT_DEFAULT_OPSET = 17
+#: Batch size of the example the exporter traces (2, so a dynamic batch is not specialized to 1).
+EXPORT_BATCH = 2
+
+
+def from_torch(
+    module: Any,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    *,
+    inputs: Sequence[InputSpec | str] | None = None,
+    output_names: Sequence[str] | None = None,
+    opset: int | None = None,
+    data: Mapping[str, np.ndarray] | None = None,
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    min_cosine: float | None = None,
+    exporter: str = "auto",
+    static_batch: bool = False,
+    seed: int = DEFAULT_SEED,
+    check: bool = True,
+) -> ConversionResult:
+    """Exports a PyTorch module to ONNX and checks it against PyTorch.
+
+    Args:
+        module: An ``nn.Module`` or a ``torch.export.ExportedProgram``.
+        example_inputs: Example tensors (a tuple, or a dict by argument name). Their dtypes
+            and non-batch sizes describe the inputs when ``inputs`` is None; integer examples
+            also bound the integer values generated for the check.
+        inputs: Input descriptions (:class:`InputSpec` or ``NAME:SHAPE:DTYPE`` strings). The
+            names are the forward arguments', or, when they are not, the ONNX input names of
+            the positional arguments in order.
+        output_names: ONNX names of the outputs (flattened in PyTorch's order).
+        opset: Target opset; the exporter's default when None.
+        data: Check inputs by name (rows are the batch); generated from the descriptions with
+            ``seed`` when None.
+        batch_sizes: Batch sizes of the check (only the fixed size when batch is static).
+        atol: Absolute tolerance of the check.
+        rtol: Relative tolerance of the check.
+        min_cosine: Lowest cosine per output the check accepts, or None.
+        exporter: ``"auto"`` (dynamo, then TorchScript), ``"dynamo"`` or ``"torchscript"``.
+        static_batch: Keep the first dimension fixed.
+        seed: Seed of generated inputs.
+        check: Raise ValidationFailedError when the check fails (the record says so either way).
+
+    Returns:
+        The model, its fidelity record and which exporter ran.
+
+    Raises:
+        InputError: The inputs do not fit the model (the message names what it expects).
+        ConversionError: Neither exporter converts the model (names the op when known).
+        ValidationFailedError: ``check`` and the export does not match PyTorch.
+    """
+    import torch
+
+    start = time.perf_counter()
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise InputError(f"exporter '{exporter}': expected auto, dynamo or torchscript")
+    if isinstance(module, torch.export.ExportedProgram):
+        program = module
+        module = program.module()
+        params = _program_input_names(program)
+        if example_inputs is None and inputs is None and data is None:
+            example_inputs = program.example_inputs[0]
+    else:
+        program = None
+        if not isinstance(module, torch.nn.Module):
+            raise InputError(
+                f"expected a torch.nn.Module or ExportedProgram, got {type(module).__name__}"
+            )
+        params = None
+    module.eval()
+    signature = _forward_signature(module, params)
+    specs = _resolve_specs(signature, example_inputs, inputs, data, static_batch)
+    by_name = _binds_by_name(signature, specs)
+
+    example = _export_example(specs, data, example_inputs, seed)
+    args, kwargs = _to_torch_args(specs, example, by_name)
+    _dry_run(module, args, kwargs, specs, signature)
+
+    names = [s.name for s in specs]
+    onnx_model, used, note = _export(
+        module if program is None else program, args, kwargs, specs, names, output_names,
+        opset, exporter, by_name, signature,
+    )
+
+    sizes = [specs[0].shape()[0]] if specs and specs[0].dims and not specs[0].batch_dynamic else list(batch_sizes)
+    if data is not None:
+        batches = batches_from_data(data, sizes)
+        source = "data"
+    else:
+        batches = [generate_inputs(specs, b, seed) for b in sizes]
+        source = f"generated, seed {seed}"
+
+    def reference(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        call_args, call_kwargs = _to_torch_args(specs, feeds, by_name)
+        with torch.no_grad():
+            out = module(*call_args, **call_kwargs)
+        return _flatten_outputs(out)
+
+    with saved_for_session(onnx_model) as path:
+        session = load_session(path)
+        record = check_fidelity(
+            reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
+            inputs=source,
+        )
+        del session
+    result = ConversionResult(
+        model=onnx_model,
+        fidelity=record,
+        exporter=used,
+        exporter_note=note,
+        opset=model_opset(onnx_model),
+        seconds=time.perf_counter() - start,
+        inputs=[describe_value(v) for v in onnx_model.graph.inputs],
+        outputs=[describe_value(v) for v in onnx_model.graph.outputs],
+    )
+    if check:
+        _raise_with_result(result)
+    return result
+
+
+def _raise_with_result(result: ConversionResult) -> None:
+    """Raises ValidationFailedError carrying the result when the check failed."""
+    from onnxpress.errors import ValidationFailedError
+
+    try:
+        result.fidelity.raise_if_failed("the ONNX export")
+    except ValidationFailedError as exc:
+        exc.result = result  # type: ignore[attr-defined]
+        raise
+
+
+class _Signature:
+    """The forward arguments: names, which are required, and whether ``*args`` is taken."""
+
+    def __init__(self, names: list[str], required: int, var_positional: bool,
+                 keyword_only: list[str]) -> None:
+        self.names = names
+        self.required = required
+        self.var_positional = var_positional
+        self.keyword_only = keyword_only
+
+    def describe(self) -> str:
+        parts = [n if i < self.required else f"{n}=optional" for i, n in enumerate(self.names)]
+        if self.var_positional:
+            parts.append("*args")
+        parts += [f"{n} (keyword)" for n in self.keyword_only]
+        return ", ".join(parts) if parts else "no inputs"
+
+
+def _forward_signature(module: Any, names: list[str] | None) -> _Signature:
+    if names is not None:
+        return _Signature(names, len(names), False, [])
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return _Signature([], 0, True, [])
+    positional, keyword_only = [], []
+    required = 0
+    var_positional = False
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional.append(p.name)
+            if p.default is p.empty and required == len(positional) - 1:
+                required += 1
+        elif p.kind == p.VAR_POSITIONAL:
+            var_positional = True
+        elif p.kind == p.KEYWORD_ONLY:
+            keyword_only.append(p.name)
+    return _Signature(positional, required, var_positional, keyword_only)
+
+
+def _program_input_names(program: Any) -> list[str]:
+    from torch.export.graph_signature import InputKind
+
+    return [
+        spec.arg.name
+        for spec in program.graph_signature.input_specs
+        if spec.kind == InputKind.USER_INPUT
+    ]
+
+
+def _resolve_specs(
+    signature: _Signature,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None,
+    inputs: Sequence[InputSpec | str] | None,
+    data: Mapping[str, np.ndarray] | None,
+    static_batch: bool,
+) -> list[InputSpec]:
+    """Input descriptions from ``inputs``, else from the examples, else from the data."""
+    if inputs:
+        texts = [i for i in inputs if isinstance(i, str)]
+        parsed = iter(parse_inputs(texts, static_batch=static_batch))
+        specs = [next(parsed) if isinstance(i, str) else i for i in inputs]
+        if example_inputs is not None:
+            specs = _ranges_from_examples(specs, signature, example_inputs)
+        return specs
+    if example_inputs is not None:
+        return _specs_from_examples(signature, example_inputs, static_batch)
+    if data is not None:
+        return [_spec_from_array(name, np.asarray(a), static_batch) for name, a in data.items()]
+    raise InputError(
+        "describe the model's inputs with --input NAME:SHAPE:DTYPE (e.g. --input x:Bx3x32x32:float32), "
+        f"or pass example inputs or --data; the model's forward takes: {signature.describe()}"
+    )
+
+
+def _example_items(signature: _Signature, example_inputs: Any) -> list[tuple[str, Any]]:
+    import torch
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        return list(example_inputs.items())
+    items = []
+    for index, value in enumerate(example_inputs):
+        name = signature.names[index] if index < len(signature.names) else f"input_{index}"
+        items.append((name, value))
+    return items
+
+
+def _spec_from_array(name: str, array: np.ndarray, static_batch: bool) -> InputSpec:
+    dims = tuple(
+        Dim(max(int(s), 2), "batch") if i == 0 and not static_batch else Dim(int(s))
+        for i, s in enumerate(array.shape)
+    )
+    low = high = None
+    if np.issubdtype(array.dtype, np.integer) and array.size:
+        low, high = int(array.min()), int(array.max()) + 1
+    return InputSpec(name, dims, array.dtype, low, high)
+
+
+def _specs_from_examples(
+    signature: _Signature, example_inputs: Any, static_batch: bool
+) -> list[InputSpec]:
+    import torch
+
+    specs = []
+    for name, value in _example_items(signature, example_inputs):
+        if not isinstance(value, torch.Tensor):
+            raise InputError(
+                f"example input '{name}' is a {type(value).__name__}; only tensors can be "
+                "ONNX inputs (bind other arguments in the module)"
+            )
+        specs.append(_spec_from_array(name, value.detach().cpu().numpy(), static_batch))
+    return specs
+
+
+def _ranges_from_examples(
+    specs: list[InputSpec], signature: _Signature, example_inputs: Any
+) -> list[InputSpec]:
+    import dataclasses
+
+    ranges = {}
+    for name, value in _example_items(signature, example_inputs):
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        if np.issubdtype(array.dtype, np.integer) and array.size:
+            ranges[name] = (int(array.min()), int(array.max()) + 1)
+    return [
+        dataclasses.replace(s, low=ranges[s.name][0], high=ranges[s.name][1])
+        if s.name in ranges and s.low is None else s
+        for s in specs
+    ]
+
+
+def _binds_by_name(signature: _Signature, specs: list[InputSpec]) -> bool:
+    """True when inputs go to forward by keyword; False when positionally.
+
+    Raises:
+        InputError: The descriptions fit neither way; the message lists forward's arguments.
+    """
+    names = [s.name for s in specs]
+    known = set(signature.names) | set(signature.keyword_only)
+    if names and all(n in known for n in names):
+        missing = [n for n in signature.names[: signature.required] if n not in names]
+        if missing:
+            raise InputError(
+                f"the model also needs input(s) {', '.join(missing)}; it takes: "
+                f"{signature.describe()}; described: {', '.join(names)}"
+            )
+        return True
+    fits = signature.required <= len(names) and (
+        signature.var_positional or len(names) <= len(signature.names)
+    )
+    if not fits:
+        raise InputError(
+            f"the model takes {signature.describe()}, but {len(names)} input(s) were "
+            f"described: {', '.join(names) or 'none'}"
+        )
+    unknown = [n for n in names if n not in known]
+    if unknown and not signature.var_positional and len(names) < len(signature.names):
+        logger.info(
+            "Inputs %s are not forward argument names; binding by position to %s",
+            ", ".join(unknown), ", ".join(signature.names[: len(names)]),
+        )
+    return False
+
+
+def _export_example(
+    specs: list[InputSpec],
+    data: Mapping[str, np.ndarray] | None,
+    example_inputs: Any,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Inputs the exporter traces: data rows when given, else generated at batch 2."""
+    if data is not None:
+        missing = [s.name for s in specs if s.name not in data]
+        if missing:
+            raise InputError(
+                f"--data lacks input(s) {', '.join(missing)}; it has {', '.join(data)}; "
+                f"the inputs are {', '.join(s.name for s in specs)}"
+            )
+        rows = min(len(data[s.name]) for s in specs) if specs else 0
+        if rows >= EXPORT_BATCH or any(not s.batch_dynamic for s in specs):
+            take = EXPORT_BATCH if all(s.batch_dynamic for s in specs) else rows
+            return {s.name: np.ascontiguousarray(data[s.name][:take]) for s in specs}
+    return generate_inputs(specs, EXPORT_BATCH, seed)
+
+
+def _to_torch_args(
+    specs: list[InputSpec], feeds: Mapping[str, np.ndarray], by_name: bool
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    import torch
+
+    tensors = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in specs]
+    if by_name:
+        return (), {s.name: t for s, t in zip(specs, tensors, strict=True)}
+    return tuple(tensors), {}
+
+
+def _dry_run(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             specs: list[InputSpec], signature: _Signature) -> None:
+    """Runs the module once so that inputs that do not fit fail with a clear message."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            module(*args, **kwargs)
+    except Exception as exc:
+        described = ", ".join(str(s) for s in specs)
+        raise InputError(
+            f"the model fails on the described inputs ({described}): "
+            f"{type(exc).__name__}: {first_lines(str(exc), 3)}; its forward takes: "
+            f"{signature.describe()}"
+        ) from exc
+
+
+def _flatten_outputs(out: Any) -> list[np.ndarray]:
+    import torch
+    import torch.utils._pytree as pytree
+
+    leaves = pytree.tree_leaves(out)
+    return [
+        leaf.detach().cpu().numpy() if isinstance(leaf, torch.Tensor) else np.asarray(leaf)
+        for leaf in leaves
+        if leaf is not None
+    ]
+
+
+def _dim_objects(specs: list[InputSpec]) -> dict[str, Any]:
+    import torch
+
+    dims: dict[str, Any] = {}
+    for spec in specs:
+        for dim in spec.dims:
+            if dim.dynamic and dim.name not in dims:
+                dims[dim.name] = torch.export.Dim(_identifier(dim.name))
+    return dims
+
+
+def _identifier(name: str) -> str:
+    return name if name.isidentifier() else "d_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def _export(
+    target: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    specs: list[InputSpec],
+    names: list[str],
+    output_names: Sequence[str] | None,
+    opset: int | None,
+    exporter: str,
+    by_name: bool,
+    signature: _Signature,
+) -> tuple[ir.Model, str, str]:
+    """Runs the exporters in order; returns the model, the exporter used, and why."""
+    dynamo_error: Exception | None = None
+    if exporter in ("auto", "dynamo"):
+        try:
+            model = _export_dynamo(target, args, kwargs, specs, names, output_names, opset, by_name)
+            return model, "torch.onnx dynamo", "the dynamo exporter (torch.export) succeeded"
+        except Exception as exc:  # the exporter raises many types
+            dynamo_error = exc
+            if exporter == "dynamo":
+                raise _conversion_error("the dynamo exporter", exc) from exc
+            logger.warning(
+                "The dynamo exporter failed (%s); trying the TorchScript exporter",
+                first_lines(str(exc), 2),
+            )
+    module = target.module() if hasattr(target, "module") and not hasattr(target, "forward") else target
+    try:
+        model = _export_torchscript(module, args, kwargs, specs, names, output_names, opset, by_name, signature)
+    except Exception as exc:
+        if dynamo_error is None:
+            raise _conversion_error("the TorchScript exporter", exc) from exc
+        raise _conversion_error("both exporters", exc, dynamo_error) from exc
+    if dynamo_error is None:
+        return model, "torch.onnx torchscript", "the TorchScript exporter was asked for"
+    reason = first_lines(f"{type(dynamo_error).__name__}: {dynamo_error}", 3)
+    return model, "torch.onnx torchscript", f"the dynamo exporter failed: {reason}"
+
+
+def _conversion_error(
+    which: str, exc: Exception, first: Exception | None = None
+) -> ConversionError:
+    messages = [f"{type(e).__name__}: {e}" for e in (first, exc) if e is not None]
+    op = None
+    for message in messages:
+        op = op or find_op_name(message)
+    what = f"op '{op}' cannot be converted" if op else "the model cannot be converted"
+    detail = "\n".join(
+        f"[{label}] {first_lines(m)}"
+        for label, m in zip(
+            (["dynamo"] if first is not None else []) + [which if first is None else "torchscript"],
+            messages, strict=True,
+        )
+    )
+    return ConversionError(f"{which} failed: {what}.\n{detail}", op=op)
+
+
+def _export_dynamo(
+    target: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    specs: list[InputSpec],
+    names: list[str],
+    output_names: Sequence[str] | None,
+    opset: int | None,
+    by_name: bool,
+) -> ir.Model:
+    import torch
+
+    dims = _dim_objects(specs)
+    shapes = [
+        {axis: dims[d.name] for axis, d in enumerate(spec.dims) if d.dynamic} or None
+        for spec in specs
+    ]
+    if by_name:
+        dynamic_shapes: Any = {s.name: shape for s, shape in zip(specs, shapes, strict=True)}
+    else:
+        dynamic_shapes = tuple(shapes)
+    if not any(shapes):
+        dynamic_shapes = None
+    if isinstance(target, torch.export.ExportedProgram):
+        dynamic_shapes = None
+    with captured_stdout("torch.onnx dynamo"):
+        program = torch.onnx.export(
+            target,
+            args,
+            kwargs=kwargs or None,
+            input_names=names,
+            output_names=list(output_names) if output_names else None,
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            external_data=False,
+            verbose=False,
+        )
+    model = program.model
+    _name_dims(model, specs)
+    return model
+
+
+def _export_torchscript(
+    module: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    specs: list[InputSpec],
+    names: list[str],
+    output_names: Sequence[str] | None,
+    opset: int | None,
+    by_name: bool,
+    signature: _Signature,
+) -> ir.Model:
+    import torch
+
+    if by_name:
+        order = [n for n in signature.names if n in kwargs]
+        if order != [s.name for s in specs][: len(order)] or len(order) != len(kwargs):
+            positional_ok = all(n in kwargs for n in signature.names[: len(kwargs)])
+            if not positional_ok:
+                raise ConversionError(
+                    "the TorchScript exporter needs the inputs as leading positional arguments "
+                    f"of forward ({signature.describe()})"
+                )
+        ordered = [n for n in signature.names if n in kwargs]
+        args = tuple(kwargs[n] for n in ordered)
+        names = ordered
+    dynamic_axes = {
+        spec.name: {axis: d.name for axis, d in enumerate(spec.dims) if d.dynamic}
+        for spec in specs
+        if any(d.dynamic for d in spec.dims)
+    }
+    with tempfile.TemporaryDirectory(prefix="onnxpress-ts-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        with captured_stdout("torch.onnx torchscript"), contextlib.redirect_stderr(_Sink()):
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=list(names),
+                output_names=list(output_names) if output_names else None,
+                opset_version=opset or TORCHSCRIPT_DEFAULT_OPSET,
+                dynamic_axes=dynamic_axes or None,
+                dynamo=False,
+            )
+        proto = onnx.load(str(path), load_external_data=True)
+    return ir.from_proto(proto)
+
+
+class _Sink:
+    """A stderr stand-in that sends what it gets to the debug log."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            logger.debug("torchscript exporter: %s", text.rstrip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _name_dims(model: ir.Model, specs: list[InputSpec]) -> None:
+    """Uses the description's dimension names on the ONNX inputs (the exporter's are s0, s1...)."""
+    by_name = {s.name: s for s in specs}
+    renames: dict[str, str] = {}
+    for value in model.graph.inputs:
+        spec = by_name.get(value.name or "")
+        if spec is None or value.shape is None or len(value.shape) != len(spec.dims):
+            continue
+        for axis, dim in enumerate(spec.dims):
+            current = value.shape[axis]
+            if dim.dynamic and isinstance(current, ir.SymbolicDim) and current.value:
+                renames[current.value] = dim.name
+    if not renames:
+        return
+    for value in _all_values(model):
+        if value.shape is None:
+            continue
+        new_dims = [
+            ir.SymbolicDim(renames[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in renames else d
+            for d in value.shape
+        ]
+        value.shape = ir.Shape(new_dims)
+
+
+def _all_values(model: ir.Model) -> Iterator[ir.Value]:
+    graph = model.graph
+    yield from graph.inputs
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        yield from node.outputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a SPEC
+
+
+def load_torch_spec(spec: str) -> tuple[Any, Any]:
+    """The module (or ExportedProgram) and example inputs a SPEC names.
+
+    Args:
+        spec: ``package.module:callable``, ``path/file.py:callable`` or ``file.pt2``.
+
+    Returns:
+        ``(module, example_inputs or None)``.
+
+    Raises:
+        InputError: The callable is missing, returns something else, or the file is unsafe.
+    """
+    import torch
+
+    if spec.endswith(".pt2") and ":" not in spec:
+        return load_pt2(spec), None
+    factory = load_callable(spec)
+    if isinstance(factory, torch.nn.Module):
+        return factory, None
+    if not callable(factory):
+        raise InputError(f"'{spec}' is a {type(factory).__name__}, not a callable")
+    if inspect.isclass(factory) and issubclass(factory, torch.nn.Module):
+        try:
+            made = factory()
+        except TypeError as exc:
+            raise InputError(f"'{spec}': the class needs arguments ({exc}); name a function that builds it") from exc
+    else:
+        made = factory()
+    example = None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+        made, example = made
+    if not isinstance(made, (torch.nn.Module, torch.export.ExportedProgram)):
+        raise InputError(
+            f"'{spec}' returned a {type(made).__name__}; expected an nn.Module or "
+            "(nn.Module, example_inputs)"
+        )
+    return made, example
+
+
+@contextlib.contextmanager
+def _weights_only_loading() -> Iterator[None]:
+    """Forces ``torch.load`` to ``weights_only=True`` and refuses ``pickle.loads`` meanwhile."""
+    import torch
+    import torch.export.pt2_archive._package as package
+
+    original_load = torch.load
+    original_pickle = package.pickle
+
+    def safe_load(*a: Any, **k: Any) -> Any:
+        k["weights_only"] = True
+        return original_load(*a, **k)
+
+    class _NoPickle:
+        def __getattr__(self, name: str) -> Any:
+            if name in ("loads", "load", "Unpickler"):
+                raise pickle.UnpicklingError(
+                    "the archive holds pickled objects, which onnxpress does not load"
+                )
+            return getattr(pickle, name)
+
+    torch.load = safe_load
+    package.pickle = _NoPickle()
+    try:
+        yield
+    finally:
+        torch.load = original_load
+        package.pickle = original_pickle
+
+
+def load_pt2(path: str | Path) -> Any:
+    """Loads a ``torch.export.save`` archive with weights-only unpickling."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        with _weights_only_loading():
+            return torch.export.load(str(path))
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"{path}: refused to load: {first_lines(str(exc), 3)}") from exc
+    except Exception as exc:
+        raise InputError(f"{path}: not a loadable torch.export archive: {first_lines(str(exc), 3)}") from exc
