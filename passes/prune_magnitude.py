@@ -75,7 +75,7 @@ class PruneMagnitudeConfig:
         "(or 1 - N/M with a pattern).",
     )
     scope: Literal["global", "per-layer"] = option(
-        "per-layer",
+        "global",
         "global: one score threshold across all prunable tensors; per-layer: the same fraction in each tensor.",
     )
     per_layer: tuple[str, ...] = option(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import math
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -423,3 +424,21 @@ def correct_output_means(
         outcome[layer.name] = "corrected"
         logger.debug("bias of %s corrected by up to %.4g", layer.describe(), float(np.abs(wanted - current).max()))
     return outcome
+
+
+def weight_macs(model: ir.Model) -> int:
+    """Multiply-adds per sample of the main graph's weight layers, from inferred shapes.
+
+    A layer does ``outputs * W.size / W.shape[out_axis]`` multiply-adds (for a Conv: every
+    output entry reads ``C/g * prod(kernel)`` weights); symbolic dimensions (the batch) count
+    as 1 and a layer whose output shape is unknown counts as 0.
+    """
+    total = 0
+    for node in model.graph:
+        layer, _ = weight_layer(node, model.graph)
+        if layer is None or layer.output.shape is None:
+            continue
+        outputs = math.prod(d for d in layer.output.shape if isinstance(d, int))
+        shape = tuple(layer.weight.const_value.shape)  # type: ignore[union-attr]
+        total += outputs * math.prod(shape) // shape[layer.out_axis]
+    return int(total)

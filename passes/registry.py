@@ -17,6 +17,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "dedup_constants",
     "cse",
     "prune_magnitude",
+    "prune_channels",
 )
 
 _REGISTRY: dict[str, type[OnnxpressPass]] = {}
