@@ -32,13 +32,20 @@ multiple of it. Channels are ranked by importance:
   (Li et al., 2017);
 - ``activation`` (calibration data): the energy channel ``c`` sends into its consumers,
   ``sqrt(sum_consumers sum_j ||W_cons[j]||^2 * E[x_j^2])`` over the entries ``j`` of channel
-  ``c`` on the consumer's input; with ``bias_compensation`` the variance ``Var[x_j]`` replaces
+  ``c`` on the consumer's input; with ``compensation`` the variance ``Var[x_j]`` replaces
   ``E[x_j^2]``, since the mean part is restored.
 
-**Bias compensation** (calibration data): each producer and consumer of a pruned group has
-its per-channel output mean restored, in graph order,
-``b' = b + E[y_ref] - E[y_pruned]`` (see :mod:`onnxpress.passes.pruning_common`); for a removed
-channel this equals ``b' = b + W_cons[:, c] . E[x_c]``, replacing the channel by its mean.
+**Compensation** (calibration data), applied to every producer and consumer of a pruned
+group in graph order, so each also absorbs the drift of the layers before it:
+
+- ``compensation: bias`` restores each layer's per-channel output mean,
+  ``b' = b + E[y_ref] - E[y_pruned]``; for a removed channel this is ``b' = b + W_cons[:, c] .
+  E[x_c]``, the channel replaced by its mean;
+- ``compensation: weights`` refits the remaining weights and the bias of each layer to its
+  original output by damped least squares (``min ||X W + b - Y||^2 + lambda ||W - W0||^2``,
+  closed form, the "channel pruning" reconstruction of He et al., 2017, without training).
+
+See :mod:`onnxpress.passes.pruning_common` for both.
 
 Written with numpy over onnx_ir: the structured pruners that exist (torch-pruning, nni) work
 on ``nn.Module`` graphs, not on ONNX.
@@ -66,6 +73,7 @@ from onnxpress.passes.pruning_common import (
     matches,
     new_initializer,
     parse_ratios,
+    reconstruct_outputs,
     ratio_for,
     set_constant,
     take_batches,
@@ -99,9 +107,12 @@ class PruneChannelsConfig:
         "Channel importance: l1 of the producer weights, activation (energy sent to the consumers, "
         "calibration data), auto: activation when calibration data is given.",
     )
-    bias_compensation: bool = option(
-        False, "Restore the per-channel output means of the layers around a pruned group from calibration data."
+    compensation: Literal["none", "bias", "weights"] = option(
+        "none",
+        "With calibration data, repair the layers around a pruned group: bias restores their per-channel "
+        "output means, weights refits their weights and bias by damped least squares.",
     )
+    damping: float = option(0.01, "Damping of the least-squares refit, relative to the mean input energy.")
     ops: tuple[str, ...] = option(WEIGHT_OPS, "Producer op types whose output channels may be removed.")
     exclude: tuple[str, ...] = option((), "Globs on weight or node names whose groups are left alone.")
     min_channels: int = option(4, "Groups with fewer output channels than this are left alone.")
@@ -115,6 +126,8 @@ class PruneChannelsConfig:
         unknown = sorted(set(self.ops) - set(WEIGHT_OPS))
         if unknown:
             raise ValueError(f"ops: {unknown} cannot be pruned; choose from {list(WEIGHT_OPS)}")
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
         for name in ("min_channels", "round_to", "calibration_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -467,8 +480,8 @@ class PruneChannelsPass(OnnxpressPass):
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
         cfg = self.config
-        if self.calibration is None and (cfg.bias_compensation or cfg.criterion == "activation"):
-            what = "bias_compensation" if cfg.bias_compensation else "criterion=activation"
+        if self.calibration is None and (cfg.compensation != "none" or cfg.criterion == "activation"):
+            what = f"compensation={cfg.compensation}" if cfg.compensation != "none" else "criterion=activation"
             raise ir.passes.PreconditionError(
                 f"pass 'prune-channels' needs calibration data for {what}: pass --data FILE.npz"
             )
@@ -537,9 +550,9 @@ class PruneChannelsPass(OnnxpressPass):
         if criterion == "auto":
             criterion = "activation" if self.calibration is not None else "l1"
         batches = []
-        if criterion == "activation" or cfg.bias_compensation:
+        if criterion == "activation" or cfg.compensation != "none":
             batches = take_batches(self.calibration, model, cfg.calibration_batches)
-        reference = ir.to_proto(model).SerializeToString() if cfg.bias_compensation else b""
+        reference = ir.to_proto(model).SerializeToString() if cfg.compensation != "none" else b""
         stats = {}
         if criterion == "activation":
             requests = {}
@@ -552,7 +565,7 @@ class PruneChannelsPass(OnnxpressPass):
 
         keeps = []
         for group, ratio, _ in plans:
-            importance = self._importance(group, criterion, stats, centred=cfg.bias_compensation)
+            importance = self._importance(group, criterion, stats, centred=cfg.compensation != "none")
             keep = max(1, group.channels - round(ratio * group.channels))
             if cfg.round_to > 1:
                 keep = max(cfg.round_to, int(math.ceil(keep / cfg.round_to)) * cfg.round_to)
@@ -586,8 +599,13 @@ class PruneChannelsPass(OnnxpressPass):
                     if not out.is_graph_output():
                         out.shape = None
         infer_shapes(model)
-        if cfg.bias_compensation and targets:
-            self.details["bias_compensation"] = correct_output_means(reference, model, list(targets.values()), batches)
+        if cfg.compensation == "bias" and targets:
+            self.details["compensation"] = correct_output_means(reference, model, list(targets.values()), batches)
+        elif cfg.compensation == "weights" and targets:
+            self.details["compensation"] = reconstruct_outputs(
+                reference, model, list(targets.values()), batches, cfg.damping
+            )
+        if cfg.compensation != "none" and targets:
             infer_shapes(model)
         macs_after = weight_macs(model)
         pruned = len(self.details["groups"])

@@ -442,3 +442,151 @@ def weight_macs(model: ir.Model) -> int:
         shape = tuple(layer.weight.const_value.shape)  # type: ignore[union-attr]
         total += outputs * math.prod(shape) // shape[layer.out_axis]
     return int(total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Least-squares reconstruction
+# ---------------------------------------------------------------------------------------------
+
+
+def _im2col(x: np.ndarray, node: ir.Node, kernel: tuple[int, ...]) -> np.ndarray | None:
+    """``[N*Ho*Wo, C*kh*kw]`` patches of a 2-D Conv's input, in the weight's ``[C, kh, kw]`` order."""
+    if x.ndim != 4 or len(kernel) != 2:
+        return None
+    auto_pad = node.attributes.get("auto_pad")
+    if auto_pad is not None and auto_pad.as_string() not in ("NOTSET", ""):
+        return None
+    pads = node.attributes.get("pads")
+    strides = node.attributes.get("strides")
+    dilations = node.attributes.get("dilations")
+    top, left, bottom, right = pads.as_ints() if pads is not None else (0, 0, 0, 0)
+    sh, sw = strides.as_ints() if strides is not None else (1, 1)
+    dh, dw = dilations.as_ints() if dilations is not None else (1, 1)
+    kh, kw = kernel
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_h = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    patches = np.empty((x.shape[0], out_h, out_w, x.shape[1], kh, kw), dtype=np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw]
+            patches[..., i, j] = np.moveaxis(window, 1, -1)
+    return patches.reshape(-1, x.shape[1] * kh * kw)
+
+
+def _design(layer: WeightLayer, x: np.ndarray, weight_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The layer's input as a matrix whose rows each meet the weight as ``row @ W2d``."""
+    if layer.node.op_type == "Conv":
+        if layer.groups != 1:
+            return None
+        return _im2col(x.astype(np.float64), layer.node, tuple(weight_shape[2:]))
+    moved = np.moveaxis(x, layer.data_axis, -1)
+    return moved.reshape(-1, moved.shape[-1]).astype(np.float64)
+
+
+def _weight_2d(layer: WeightLayer, weight: np.ndarray) -> np.ndarray:
+    """The weight as ``[inputs, outputs]`` (Conv: ``[C*kh*kw, O]``)."""
+    if layer.node.op_type == "Conv":
+        return weight.reshape(weight.shape[0], -1).T
+    return weight if layer.in_axis == 0 else weight.T
+
+
+def _weight_back(layer: WeightLayer, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if layer.node.op_type == "Conv":
+        return matrix.T.reshape(shape)
+    return matrix if layer.in_axis == 0 else matrix.T
+
+
+def reconstruct_outputs(
+    reference: bytes,
+    model: ir.Model,
+    targets: Sequence[BiasTarget],
+    batches: Sequence[dict[str, np.ndarray]],
+    damping: float,
+) -> dict[str, str]:
+    """Refits each target layer's weight and bias to reproduce its original output, in graph order.
+
+    For a layer with input patches ``X`` in the pruned model and output ``Y`` in the original,
+    the new weight and bias solve the damped least-squares problem
+
+        min ||X W + 1 b - Y||^2 + lambda ||W - W0||^2,   lambda = damping * trace(X^T X) / k
+
+    (``W0`` the weight as pruned, ``k`` its rows), in closed form from the normal equations
+    accumulated batch by batch. The damping keeps the fit near the pruned weights when the
+    calibration set is small against the layer's inputs. Layers that cannot be written as a
+    matrix product (grouped or N-d convolutions, ``auto_pad``) get the mean correction of
+    :func:`correct_output_means` instead.
+
+    Returns:
+        Layer name -> ``"refit"``, ``"corrected"`` or the reason it was left.
+    """
+    outcome: dict[str, str] = {}
+    order = {id(node): i for i, node in enumerate(model.graph)}
+    usable = sorted(
+        (t for t in targets if t.layer.graph is model.graph and id(t.layer.node) in order),
+        key=lambda t: order[id(t.layer.node)],
+    )
+    for t in targets:
+        if t not in usable:
+            outcome[t.layer.name] = "skipped: not in the main graph"
+    if not usable:
+        return outcome
+    out_names = [t.layer.output.name for t in usable]
+    reference_outputs = [dict(zip(out_names, values, strict=True)) for values in (
+        [v[n] for n in out_names] for v in run_with_outputs(reference, out_names, batches)
+    )]
+    fallback = []
+    for target in usable:
+        layer = target.layer
+        weight = layer.array()
+        shape = tuple(weight.shape)
+        w0 = _weight_2d(layer, weight).astype(np.float64)
+        rows = w0.shape[0]
+        gram = np.zeros((rows + 1, rows + 1))
+        cross = np.zeros((rows + 1, w0.shape[1]))
+        ok = True
+        data_name = layer.data.name or ""
+        for batch_index, values in enumerate(run_with_outputs(model, [data_name], batches)):
+            x = _design(layer, values[data_name], shape)
+            if x is None or x.shape[1] != rows:
+                ok = False
+                break
+            y = reference_outputs[batch_index][layer.output.name]
+            y = np.moveaxis(y, layer.output_axis, -1)
+            if target.kept is not None:
+                y = y[..., target.kept]
+            y = y.reshape(-1, y.shape[-1]).astype(np.float64)
+            if y.shape != (x.shape[0], w0.shape[1]):
+                ok = False
+                break
+            a = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+            gram += a.T @ a
+            cross += a.T @ y
+        if not ok:
+            fallback.append(target)
+            continue
+        damp = damping * max(float(np.trace(gram[:rows, :rows])) / rows, 1e-12)
+        penalty = np.full(rows + 1, damp)
+        penalty[-1] = 0.0
+        previous_bias = np.zeros((1, w0.shape[1]))
+        theta0 = np.concatenate([w0, previous_bias], axis=0)
+        try:
+            theta = np.linalg.solve(gram + np.diag(penalty), cross + penalty[:, None] * theta0)
+        except np.linalg.LinAlgError:
+            fallback.append(target)
+            continue
+        bias, _ = _bias_value(layer, w0.shape[1], weight.dtype)
+        if bias is None:
+            fallback.append(target)
+            continue
+        intercept = theta[rows]
+        if layer.node.op_type == "MatMul":  # the output read is before the Add that holds the bias
+            old_bias = constant_value(bias)
+            assert old_bias is not None
+            intercept = intercept + old_bias.numpy().astype(np.float64)
+        set_constant(layer.weight, _weight_back(layer, theta[:rows], shape).astype(weight.dtype))
+        set_constant(bias, intercept.astype(weight.dtype))
+        outcome[layer.name] = "refit"
+    if fallback:
+        outcome.update(correct_output_means(reference, model, fallback, batches))
+    return outcome
