@@ -1,0 +1,288 @@
+"""BatchRunner and ``onnxpress run``: input checks, fixed batches, several inputs/outputs, shards, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+
+from conftest import parse, run_ort
+from onnxpress.cli import main
+from onnxpress.errors import InputError
+from onnxpress.runtime import BatchRunner
+from onnxpress.runtime.shards import read_manifest, read_outputs
+
+TWO_IN_TWO_OUT = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[N, 4] a, int64[N, 3] b) => (float[N, 2] y, float[N] z)
+<float[4, 2] w = {0.5, -1.0, 2.0, 0.25, -0.75, 1.5, 1.0, -2.0}, int64[1] axis = {1}>
+{
+    m = MatMul(a, w)
+    y = Tanh(m)
+    bf = Cast<to = 1>(b)
+    s = ReduceSum<keepdims = 0>(bf, axis)
+    r = ReduceMax<keepdims = 0>(a, axis)
+    z = Add(s, r)
+}
+"""
+
+FIXED_BATCH = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[4, 3] x) => (float[4, 3] y, float[4] s)
+<float[3, 3] w = {1.0, 0.5, -0.5, 0.0, 2.0, 1.0, -1.0, 0.25, 0.75}, int64[1] axis = {1}>
+{
+    y = MatMul(x, w)
+    s = ReduceSum<keepdims = 0>(y, axis)
+}
+"""
+
+# Heavy enough per batch that a subprocess run spans many shards.
+CHAIN = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[N, 64] x) => (float[N, 64] y, float[N, 8] head)
+{
+    h1 = MatMul(x, w1)
+    r1 = Relu(h1)
+    h2 = MatMul(r1, w2)
+    y = Tanh(h2)
+    head = MatMul(y, w3)
+}
+"""
+
+
+def chain_model(rng: np.random.Generator) -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(CHAIN)
+    for name, shape in (("w1", (64, 64)), ("w2", (64, 64)), ("w3", (64, 8))):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(
+            (rng.standard_normal(shape) / 8).astype(np.float32), name))
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def save(proto: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(proto, path)
+    return path
+
+
+def two_io_data(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    return {"a": rng.standard_normal((n, 4)).astype(np.float32), "b": rng.integers(-5, 5, (n, 3)).astype(np.int64)}
+
+
+def test_several_inputs_and_outputs_match_one_big_run(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = parse(TWO_IN_TWO_OUT)
+    model = save(proto, tmp_path / "m.onnx")
+    data = two_io_data(rng, 203)
+    np.savez(tmp_path / "in.npz", **data, label=np.arange(203))  # an extra array is ignored
+    result = BatchRunner(model, batch_size=16).run(tmp_path / "in.npz", tmp_path / "out", shard_rows=40)
+    expected = run_ort(proto, data)
+    got = read_outputs(tmp_path / "out")
+    np.testing.assert_array_equal(got["y"], expected[0])
+    np.testing.assert_array_equal(got["z"], expected[1])
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["complete"] and manifest["shard_rows"] == 48  # rounded up to whole batches
+    assert [s["stop"] - s["start"] for s in manifest["shards"]] == [48, 48, 48, 48, 11]
+    assert result.rows == 203 and result.shards == 5
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_stored_and_compressed_stream_the_same_rows(tmp_path: Path, rng: np.random.Generator, compressed: bool) -> None:
+    proto = parse(TWO_IN_TWO_OUT)
+    model = save(proto, tmp_path / "m.onnx")
+    data = two_io_data(rng, 77)
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "in.npz", **data)
+    BatchRunner(model, batch_size=10).run(tmp_path / "in.npz", tmp_path / "out")
+    expected = run_ort(proto, data)
+    np.testing.assert_array_equal(read_outputs(tmp_path / "out")["y"], expected[0])
+
+
+def test_npy_and_folder_of_shards_and_parquet_inputs(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = parse(FIXED_BATCH.replace("float[4, 3] x", "float[N, 3] x").replace("float[4, 3] y", "float[N, 3] y")
+                  .replace("float[4] s", "float[N] s"))
+    model = save(proto, tmp_path / "m.onnx")
+    x = rng.standard_normal((50, 3)).astype(np.float32)
+    expected = run_ort(proto, {"x": x})
+    np.save(tmp_path / "x.npy", x)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    np.save(folder / "a.npy", x[:17])
+    np.savez(folder / "b.npz", x=x[17:30])
+    np.savez_compressed(folder / "c.npz", x=x[30:])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"x": pa.array(x.tolist(), type=pa.list_(pa.float32()))})
+    pq.write_table(table, tmp_path / "x.parquet", row_group_size=7)
+    for i, source in enumerate(("x.npy", "x.parquet")):
+        BatchRunner(model, batch_size=8).run(tmp_path / source, tmp_path / f"out{i}")
+        np.testing.assert_array_equal(read_outputs(tmp_path / f"out{i}")["y"], expected[0])
+    with pytest.raises(InputError, match="same arrays"):
+        BatchRunner(model, batch_size=8).run(folder, tmp_path / "bad")
+    (folder / "a.npy").unlink()
+    np.savez(folder / "a.npz", x=x[:17])
+    BatchRunner(model, batch_size=8).run(folder, tmp_path / "out2")
+    np.testing.assert_array_equal(read_outputs(tmp_path / "out2")["s"], expected[1])
+
+
+def test_parquet_output_single_file(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = parse(TWO_IN_TWO_OUT)
+    model = save(proto, tmp_path / "m.onnx")
+    data = two_io_data(rng, 33)
+    np.savez(tmp_path / "in.npz", **data)
+    assert main(["run", str(model), "--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "o.parquet"),
+                 "--batch-size", "8", "--shard-rows", "8", "--no-progress"]) == 0
+    expected = run_ort(proto, data)
+    got = read_outputs(tmp_path / "o.parquet")
+    np.testing.assert_array_equal(got["y"], expected[0])
+    np.testing.assert_array_equal(got["z"], expected[1])
+    assert not (tmp_path / "o.parquet.parts").exists()
+
+
+def test_fixed_batch_model_pads_last_batch_and_trims(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = parse(FIXED_BATCH)
+    model = save(proto, tmp_path / "m.onnx")
+    x = rng.standard_normal((10, 3)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    runner = BatchRunner(model, batch_size=32)
+    assert runner.batch_size == 4
+    runner.run(tmp_path / "in.npz", tmp_path / "out")
+    got = read_outputs(tmp_path / "out")
+    assert got["y"].shape == (10, 3) and got["s"].shape == (10,)
+    padded = np.concatenate([x, np.repeat(x[-1:], 2, axis=0)])
+    expected = np.concatenate([run_ort(proto, {"x": padded[i:i + 4]})[0] for i in range(0, 12, 4)])[:10]
+    np.testing.assert_array_equal(got["y"], expected)
+
+
+def test_name_dtype_and_shape_errors_name_the_input(tmp_path: Path, rng: np.random.Generator) -> None:
+    model = save(parse(TWO_IN_TWO_OUT), tmp_path / "m.onnx")
+    runner = BatchRunner(model)
+    good = two_io_data(rng, 5)
+    cases = [
+        ({"a": good["a"]}, r"needs input 'b' \(int64\[N, 3\]\)"),
+        ({"a": good["a"].astype(np.float64), "b": good["b"]}, r"input 'a' is float64, but the model expects float32"),
+        ({"a": good["a"][:, :3], "b": good["b"]}, r"input 'a' has size 3 on axis 1, but the model expects 4"),
+        ({"a": good["a"][:, :, None], "b": good["b"]}, r"input 'a' has rows of shape \[4, 1\].*rank 2"),
+        ({"a": good["a"], "b": good["b"][:4]}, r"different numbers of samples"),
+    ]
+    for i, (arrays, message) in enumerate(cases):
+        np.savez(tmp_path / f"bad{i}.npz", **arrays)
+        with pytest.raises(InputError, match=message):
+            runner.run(tmp_path / f"bad{i}.npz", tmp_path / f"out{i}")
+        assert not (tmp_path / f"out{i}").exists()  # checked before anything is written
+    # int32 into int64 is a safe cast and is accepted
+    np.savez(tmp_path / "ok.npz", a=good["a"], b=good["b"].astype(np.int32))
+    runner.run(tmp_path / "ok.npz", tmp_path / "ok")
+    np.save(tmp_path / "one.npy", good["a"])
+    with pytest.raises(InputError, match="one unnamed array, but the model has 2 inputs"):
+        runner.run(tmp_path / "one.npy", tmp_path / "out-npy")
+
+
+def test_named_dimensions_must_agree_across_inputs(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = parse("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, seq] a, float[N, seq] b) => (float[N, seq] y) { y = Add(a, b) }
+    """)
+    model = save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", a=rng.standard_normal((3, 5)).astype(np.float32),
+             b=rng.standard_normal((3, 6)).astype(np.float32))
+    with pytest.raises(InputError, match="dimension 'seq' is 5 in input 'a' but 6 in input 'b'"):
+        BatchRunner(model).run(tmp_path / "in.npz", tmp_path / "out")
+
+
+def test_existing_output_needs_resume_or_force(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = parse(TWO_IN_TWO_OUT)
+    model = save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", **two_io_data(rng, 9))
+    args = ["run", str(model), "--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert main([*args, "--force"]) == 0
+    assert main([*args, "--resume"]) == 0  # complete: nothing left to do
+    np.savez(tmp_path / "in.npz", **two_io_data(rng, 9))  # the input changed
+    with pytest.raises(InputError, match="another input data"):
+        BatchRunner(model, batch_size=32).run(tmp_path / "in.npz", tmp_path / "out", resume=True)
+
+
+def test_resume_after_interrupt_in_process(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = chain_model(rng)
+    model = save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", x=rng.standard_normal((500, 64)).astype(np.float32))
+    runner = BatchRunner(model, batch_size=16)
+    runner.run(tmp_path / "in.npz", tmp_path / "ref", shard_rows=48)
+    stop_at = int(rng.integers(20, 480))
+
+    def interrupt(done: int, total: int) -> None:
+        if done >= stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(tmp_path / "in.npz", tmp_path / "out", shard_rows=48, progress=interrupt)
+    assert not read_manifest(tmp_path / "out")["complete"]
+    (tmp_path / "out" / "part-00099.npz").write_bytes(b"half a shard")  # a stray, uncommitted file
+    result = runner.run(tmp_path / "in.npz", tmp_path / "out", resume=True)
+    assert result.resumed_from > 0 and result.resumed_from % 48 == 0
+    assert not (tmp_path / "out" / "part-00099.npz").exists()
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "ref"))
+    for name in os.listdir(tmp_path / "ref"):
+        if name != "manifest.json":
+            assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def _wait_for_shards(folder: Path, count: int, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
+    """Waits until the manifest lists ``count`` shards; False when the run ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if len(json.loads((folder / "manifest.json").read_text())["shards"]) >= count:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    raise AssertionError("the run made no progress")
+
+
+def test_resume_after_sigkill_at_random_points_is_identical(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = chain_model(rng)
+    model = save(proto, tmp_path / "m.onnx")
+    rows = 3200
+    np.savez(tmp_path / "in.npz", x=rng.standard_normal((rows, 64)).astype(np.float32))
+    reference = tmp_path / "ref"
+    BatchRunner(model, batch_size=32).run(tmp_path / "in.npz", reference, shard_rows=32)
+    shards = len(read_manifest(reference)["shards"])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "onnxpress", "run", str(model), "--input", str(tmp_path / "in.npz"),
+           "--output", str(out), "--batch-size", "32", "--shard-rows", "32", "--no-progress"]
+    kills = 0
+    done = 0
+    for attempt in range(2):
+        target = int(rng.integers(done + 1, done + 1 + shards // 3))
+        proc = subprocess.Popen([*cmd, *(["--resume"] if attempt else [])], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        if _wait_for_shards(out, target, proc):
+            time.sleep(float(rng.uniform(0, 0.01)))  # land anywhere: inside a batch, a shard write, the manifest
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        done = len(read_manifest(out)["shards"])
+    assert kills >= 1
+    final = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["shards"] == read_manifest(reference)["shards"]
+    for shard in manifest["shards"]:
+        assert (out / shard["file"]).read_bytes() == (reference / shard["file"]).read_bytes()
+    got = read_outputs(out)
+    expected = read_outputs(reference)
+    assert got["y"].shape == (rows, 64)
+    np.testing.assert_array_equal(got["y"], expected["y"])
+    np.testing.assert_array_equal(got["head"], expected["head"])
