@@ -1,0 +1,347 @@
+"""The ``.onnxz`` container: a ZIP of stored members with a JSON manifest.
+
+Layout (specified fully in ``docs/onnxz-format.md``)::
+
+    manifest.json      JSON, UTF-8: format version, the graph entry, one entry per tensor
+    graph.pb.zst       the ModelProto without its large constants, one zstd frame
+    t/000000.bin ...   one coded stream per distinct large tensor
+
+Every member is *stored* (ZIP method 0): the streams are already entropy coded, and stored
+members can be read with any ZIP tool. A large tensor is cut out of the graph by clearing
+its ``raw_data`` and appending one entry ``{key: "onnxz.tensor", value: "<index>"}`` to its
+``external_data`` list; ``<index>`` is its position in the manifest's ``tensors`` list.
+A reader fills the bytes back and pops that entry, which restores the TensorProto field
+for field, so the model serializes to the very bytes it was read from.
+
+Why the protobuf edge: the container must give back the original ``.onnx`` bit for bit,
+which only the protobuf message itself can promise. onnx_ir would re-create the proto.
+
+Names inside the container are never used as filesystem paths: members are looked up by
+name inside the ZIP, and the one name that can reach the disk (the external-data file of a
+model saved with external data) must be a bare, safe file name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxpress.errors import InputError
+
+FORMAT_NAME = "onnxz"
+FORMAT_VERSION = 1
+SUFFIX = ".onnxz"
+MANIFEST_MEMBER = "manifest.json"
+GRAPH_MEMBER = "graph.pb.zst"
+MARKER_KEY = "onnxz.tensor"
+ZIP_MAGIC = b"PK\x03\x04"
+#: Fixed timestamp for every member, so packing the same model twice gives the same bytes.
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+
+_MEMBER_RE = re.compile(r"^t/[0-9]{6,12}\.bin$")
+_SAFE_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+
+
+def tensor_member(index: int) -> str:
+    """The member name of the coded stream first stored for tensor ``index``."""
+    return f"t/{index:06d}.bin"
+
+
+def is_safe_file_name(name: str) -> bool:
+    """True for a bare file name with no folder part, no ``..`` and no odd characters."""
+    return bool(_SAFE_FILE_RE.match(name)) and ".." not in name
+
+
+def dtype_name(data_type: int) -> str:
+    """The ONNX name of a ``TensorProto.DataType`` value (``FLOAT16``, ``INT4``, ...)."""
+    return onnx.TensorProto.DataType.Name(data_type)
+
+
+def dtype_bits(data_type: int) -> int | None:
+    """Bits per element, or None for types without a fixed size (strings)."""
+    try:
+        return ir.DataType(data_type).bitwidth
+    except (TypeError, ValueError):
+        return None
+
+
+def expected_raw_size(data_type: int, shape: list[int]) -> int | None:
+    """``ceil(numel * bits / 8)``: the size of ``raw_data`` for this dtype and shape."""
+    bits = dtype_bits(data_type)
+    if bits is None:
+        return None
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return (numel * bits + 7) // 8
+
+
+# ---------------------------------------------------------------------------------------
+# the manifest
+
+
+@dataclass
+class ExternalRef:
+    """Where an external tensor lived in the source model's external data."""
+
+    location: str
+    offset: int
+    length: int
+
+
+@dataclass
+class TensorEntry:
+    """One large tensor: what it is, how it is coded, where its stream is."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    codec: str
+    params: dict[str, int]
+    raw_size: int
+    coded_size: int
+    sha256: str
+    member: str
+    external: ExternalRef | None = None
+
+
+@dataclass
+class ExternalFile:
+    """An external-data file of the source model, rebuilt by ``unpack``."""
+
+    location: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """The manifest: everything a reader checks before decoding a byte."""
+
+    graph_raw_size: int
+    graph_coded_size: int
+    graph_sha256: str
+    source_size: int
+    source_sha256: str
+    byte_exact: bool
+    tensors: list[TensorEntry] = field(default_factory=list)
+    external_files: list[ExternalFile] = field(default_factory=list)
+    producer: str = ""
+    level: int = 0
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "producer": self.producer,
+            "level": self.level,
+            "graph": {
+                "member": GRAPH_MEMBER,
+                "codec": "zstd",
+                "raw_size": self.graph_raw_size,
+                "coded_size": self.graph_coded_size,
+                "sha256": self.graph_sha256,
+            },
+            "source": {
+                "size": self.source_size,
+                "sha256": self.source_sha256,
+                "byte_exact": self.byte_exact,
+                "external_files": [asdict(f) for f in self.external_files],
+            },
+            "tensors": [_entry_json(t) for t in self.tensors],
+        }
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Manifest:
+        """Parses and validates a manifest; every error names ``where`` and the bad field."""
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{where}: the manifest is not valid JSON: {exc}") from exc
+        check = _Checker(where)
+        check.is_dict(doc, "manifest")
+        if doc.get("format") != FORMAT_NAME:
+            raise InputError(f"{where}: not an onnxz manifest (format is {doc.get('format')!r})")
+        version = doc.get("version")
+        if version != FORMAT_VERSION:
+            raise InputError(
+                f"{where}: onnxz format version {version!r}; this onnxpress reads version "
+                f"{FORMAT_VERSION}; upgrade onnxpress"
+            )
+        graph = check.is_dict(doc.get("graph"), "graph")
+        source = check.is_dict(doc.get("source"), "source")
+        if graph.get("member") != GRAPH_MEMBER or graph.get("codec") != "zstd":
+            raise InputError(f"{where}: the manifest's graph entry must be {GRAPH_MEMBER} coded with zstd")
+        tensors = check.is_list(doc.get("tensors"), "tensors")
+        externals = check.is_list(source.get("external_files", []), "source.external_files")
+        manifest = cls(
+            graph_raw_size=check.size(graph.get("raw_size"), "graph.raw_size"),
+            graph_coded_size=check.size(graph.get("coded_size"), "graph.coded_size"),
+            graph_sha256=check.sha(graph.get("sha256"), "graph.sha256"),
+            source_size=check.size(source.get("size"), "source.size"),
+            source_sha256=check.sha(source.get("sha256"), "source.sha256"),
+            byte_exact=bool(source.get("byte_exact")),
+            producer=str(doc.get("producer", "")),
+            level=int(doc.get("level", 0)) if isinstance(doc.get("level", 0), int) else 0,
+        )
+        for i, item in enumerate(externals):
+            what = f"source.external_files[{i}]"
+            check.is_dict(item, what)
+            location = check.text(item.get("location"), what + ".location")
+            if not is_safe_file_name(location):
+                raise InputError(
+                    f"{where}: external data file name {location!r} is not a bare, safe file name"
+                )
+            manifest.external_files.append(
+                ExternalFile(location, check.size(item.get("size"), what + ".size"),
+                             check.sha(item.get("sha256"), what + ".sha256"))
+            )
+        locations = {f.location for f in manifest.external_files}
+        for i, item in enumerate(tensors):
+            manifest.tensors.append(check.tensor(item, i, locations))
+        return manifest
+
+
+def _entry_json(entry: TensorEntry) -> dict[str, Any]:
+    doc = asdict(entry)
+    if entry.external is None:
+        del doc["external"]
+    return doc
+
+
+class _Checker:
+    """Type checks for manifest fields, with errors that name the field."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, what: str, expected: str, value: object) -> InputError:
+        return InputError(f"{self.where}: manifest field {what} must be {expected}, got {value!r}")
+
+    def is_dict(self, value: object, what: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(what, "an object", type(value).__name__)
+        return value
+
+    def is_list(self, value: object, what: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(what, "a list", type(value).__name__)
+        return value
+
+    def size(self, value: object, what: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise self.fail(what, "a non-negative integer", value)
+        return value
+
+    def sha(self, value: object, what: str) -> str:
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise self.fail(what, "64 lower-case hex digits", value)
+        return value
+
+    def text(self, value: object, what: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(what, "a string", value)
+        return value
+
+    def tensor(self, item: object, i: int, locations: set[str]) -> TensorEntry:
+        what = f"tensors[{i}]"
+        item = self.is_dict(item, what)
+        name = self.text(item.get("name", ""), what + ".name")
+        what = f"tensors[{i}] ('{name}')"
+        dtype = self.text(item.get("dtype"), what + ".dtype")
+        try:
+            data_type = onnx.TensorProto.DataType.Value(dtype)
+        except ValueError as exc:
+            raise self.fail(what + ".dtype", "an ONNX data type name", dtype) from exc
+        shape = self.is_list(item.get("shape"), what + ".shape")
+        for dim in shape:
+            self.size(dim, what + ".shape")
+        raw_size = self.size(item.get("raw_size"), what + ".raw_size")
+        expected = expected_raw_size(data_type, shape)
+        if expected is None or expected != raw_size:
+            raise InputError(
+                f"{self.where}: tensor '{name}' declares {raw_size} raw bytes, but {dtype} "
+                f"{shape} holds {expected}"
+            )
+        member = self.text(item.get("member"), what + ".member")
+        if not _MEMBER_RE.match(member):
+            raise self.fail(what + ".member", "a member name like t/000001.bin", member)
+        params = self.is_dict(item.get("params", {}), what + ".params")
+        for key, value in params.items():
+            self.size(value, f"{what}.params.{key}")
+        external = None
+        if item.get("external") is not None:
+            ext = self.is_dict(item["external"], what + ".external")
+            location = self.text(ext.get("location"), what + ".external.location")
+            if location not in locations:
+                raise self.fail(what + ".external.location", "one of source.external_files", location)
+            external = ExternalRef(
+                location,
+                self.size(ext.get("offset"), what + ".external.offset"),
+                self.size(ext.get("length"), what + ".external.length"),
+            )
+        return TensorEntry(
+            name=name,
+            dtype=dtype,
+            shape=list(shape),
+            codec=self.text(item.get("codec"), what + ".codec"),
+            params=dict(params),
+            raw_size=raw_size,
+            coded_size=self.size(item.get("coded_size"), what + ".coded_size"),
+            sha256=self.sha(item.get("sha256"), what + ".sha256"),
+            member=member,
+            external=external,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# walking TensorProtos and the markers
+
+
+def iter_tensor_protos(message: Any) -> Iterator[onnx.TensorProto]:
+    """Yields every TensorProto anywhere inside a protobuf message, in field order.
+
+    Covers initializers, sparse initializers, tensor attributes, subgraphs, functions and
+    training info without naming them, by walking the message's set fields.
+    """
+    for descriptor, value in message.ListFields():
+        if descriptor.type != descriptor.TYPE_MESSAGE:
+            continue
+        items = value if descriptor.is_repeated else [value]
+        for item in items:
+            if isinstance(item, onnx.TensorProto):
+                yield item
+            else:
+                yield from iter_tensor_protos(item)
+
+
+def marker_index(tensor: onnx.TensorProto) -> int | None:
+    """The manifest index a stripped tensor points at, or None for an ordinary tensor."""
+    if tensor.external_data and tensor.external_data[-1].key == MARKER_KEY:
+        value = tensor.external_data[-1].value
+        if value.isdigit():
+            return int(value)
+        raise ValueError(f"tensor '{tensor.name}' has a malformed {MARKER_KEY} entry {value!r}")
+    return None
+
+
+def add_marker(tensor: onnx.TensorProto, index: int) -> None:
+    entry = tensor.external_data.add()
+    entry.key = MARKER_KEY
+    entry.value = str(index)
+
+
+def pop_marker(tensor: onnx.TensorProto) -> None:
+    del tensor.external_data[-1]
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    """The ``external_data`` entries of a tensor as a dict (marker excluded)."""
+    return {e.key: e.value for e in tensor.external_data if e.key != MARKER_KEY}

@@ -1,0 +1,406 @@
+"""Packing an ONNX model into one ``.onnxz`` file.
+
+The model is read as a protobuf ``ModelProto`` (the serialization edge; see
+:mod:`onnxpress.packing.format` for why not onnx_ir). Every tensor whose ``raw_data`` is at
+least ``min_bytes`` long, and every tensor kept in external data, is cut out of the graph
+and coded on its own by :func:`onnxpress.packing.codecs.encode`, which tries the codecs and
+keeps the smallest. Identical tensors (same bytes, by sha256) are stored once. Tensors are
+coded in a thread pool: zstd and numpy release the GIL, so the threads run in parallel.
+
+External data is read through a memory map, one tensor at a time, so a model larger than
+memory is never loaded whole. Before packing, the model is re-serialized once and compared
+with the file; when they match (any model written by onnx, onnx_ir or torch), ``unpack``
+gives back the file byte for byte, and the manifest records ``byte_exact: true``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import google.protobuf.message
+import numpy as np
+import onnx
+import zstandard
+
+from onnxpress import __version__
+from onnxpress.errors import InputError
+from onnxpress.packing import codecs
+from onnxpress.packing.format import (
+    GRAPH_MEMBER,
+    MANIFEST_MEMBER,
+    MARKER_KEY,
+    ZIP_DATE_TIME,
+    ExternalFile,
+    ExternalRef,
+    Manifest,
+    TensorEntry,
+    add_marker,
+    dtype_bits,
+    dtype_name,
+    expected_raw_size,
+    external_info,
+    is_safe_file_name,
+    iter_tensor_protos,
+    tensor_member,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Tensors with fewer raw bytes stay in the graph (which is zstd coded as a whole).
+DEFAULT_MIN_TENSOR_BYTES = 256
+
+#: ``progress(done, total, name)`` after each coded tensor.
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass
+class PackReport:
+    """What :func:`pack` did: sizes, codecs chosen, time."""
+
+    source: Path
+    output: Path
+    source_bytes: int
+    packed_bytes: int
+    tensors: int
+    streams: int
+    raw_bytes: int
+    coded_bytes: int
+    graph_bytes: int
+    byte_exact: bool
+    seconds: float
+    codecs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """Source bytes (model file plus external data) per packed byte."""
+        return self.source_bytes / max(self.packed_bytes, 1)
+
+
+@dataclass
+class _Candidate:
+    tensor: onnx.TensorProto
+    data: memoryview | bytes
+    width: int
+    external: ExternalRef | None
+    sha256: str = ""
+
+
+def pack(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    level: int = codecs.DEFAULT_LEVEL,
+    threads: int | None = None,
+    min_bytes: int = DEFAULT_MIN_TENSOR_BYTES,
+    force: bool = False,
+    progress: ProgressCallback | None = None,
+) -> PackReport:
+    """Packs an ``.onnx`` model (and its external data) into one ``.onnxz`` file.
+
+    Args:
+        source: The ``.onnx`` file; external data beside it is read, never changed.
+        output: The ``.onnxz`` to write (atomically: a failure leaves nothing behind).
+        level: zstd level, 1 (fast) to 22 (smallest).
+        threads: Tensors coded at once; all cores when None.
+        min_bytes: Tensors smaller than this stay inside the graph member.
+        force: Replace an existing output.
+        progress: Called after each coded tensor.
+
+    Returns:
+        A :class:`PackReport`.
+
+    Raises:
+        InputError: A missing, truncated or non-ONNX input, unsafe external data, an
+            existing output without ``force``, or a bad level.
+    """
+    start = time.perf_counter()
+    source, output = Path(source), Path(output)
+    if not codecs.MIN_LEVEL <= level <= codecs.MAX_LEVEL:
+        raise InputError(f"zstd level {level} is outside {codecs.MIN_LEVEL}..{codecs.MAX_LEVEL}")
+    if min_bytes < 0:
+        raise InputError(f"min_bytes must be >= 0, got {min_bytes}")
+    _check_output(source, output, force)
+    data = _read_source(source)
+    source_sha = hashlib.sha256(data).hexdigest()
+    proto = _parse(source, data)
+    byte_exact = proto.SerializeToString() == data
+    if not byte_exact:
+        logger.warning(
+            "%s is not in canonical protobuf form; unpack will restore every tensor, the graph "
+            "and the metadata exactly, but not the same byte layout", source
+        )
+    source_size = len(data)
+    del data
+
+    with _ExternalData(source) as external:
+        candidates = _collect(source, proto, external, min_bytes)
+        external_files = external.describe()
+        if any(not f[1] for f in external_files.values()):
+            byte_exact = False
+        source_size += sum(size for (size, _, _) in external_files.values())
+        entries, streams = _code_all(candidates, level, threads, progress)
+        for index, cand in enumerate(candidates):
+            if cand.external is None:
+                cand.tensor.ClearField("raw_data")
+            add_marker(cand.tensor, index)
+        graph_raw = proto.SerializeToString()
+        graph_coded = zstandard.ZstdCompressor(level=level).compress(graph_raw)
+        manifest = Manifest(
+            graph_raw_size=len(graph_raw),
+            graph_coded_size=len(graph_coded),
+            graph_sha256=hashlib.sha256(graph_raw).hexdigest(),
+            source_size=source.stat().st_size,
+            source_sha256=source_sha,
+            byte_exact=byte_exact,
+            tensors=entries,
+            external_files=[
+                ExternalFile(location, size, sha)
+                for location, (size, _, sha) in sorted(external_files.items())
+            ],
+            producer=f"onnxpress {__version__}",
+            level=level,
+        )
+        _write(output, manifest, graph_coded, streams)
+    packed_bytes = output.stat().st_size
+    report = PackReport(
+        source=source,
+        output=output,
+        source_bytes=source_size,
+        packed_bytes=packed_bytes,
+        tensors=len(entries),
+        streams=len(streams),
+        raw_bytes=sum(e.raw_size for e in entries),
+        coded_bytes=sum(len(s) for s in streams.values()),
+        graph_bytes=len(graph_coded),
+        byte_exact=byte_exact,
+        seconds=time.perf_counter() - start,
+        codecs=dict(Counter(e.codec for e in entries)),
+    )
+    logger.info(
+        "Packed %s into %s: %d tensors (%d streams), %d -> %d bytes (%.2fx) in %.2fs",
+        source, output, report.tensors, report.streams, report.source_bytes,
+        report.packed_bytes, report.ratio, report.seconds,
+    )
+    return report
+
+
+def _check_output(source: Path, output: Path, force: bool) -> None:
+    if not source.is_file():
+        raise InputError(f"{source}: no such file")
+    if output.exists() and output.resolve() == source.resolve():
+        raise InputError(f"{output}: the output is the input model; choose another output path")
+    if output.exists() and not force:
+        raise InputError(f"{output}: the output already exists; pass --force to replace it")
+    if not output.parent.is_dir():
+        raise InputError(f"{output}: the output folder {output.parent} does not exist")
+
+
+def _read_source(source: Path) -> bytes:
+    data = source.read_bytes()
+    if not data:
+        raise InputError(f"{source}: the file is empty, expected an ONNX model")
+    if data[:4] == b"PK\x03\x04":
+        raise InputError(f"{source}: this is already a packed .onnxz container; unpack it first")
+    return data
+
+
+def _parse(source: Path, data: bytes) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except google.protobuf.message.DecodeError as exc:
+        raise InputError(f"{source}: not a readable ONNX model (truncated or not ONNX): {exc}") from exc
+    if not proto.HasField("graph") or proto.ir_version <= 0:
+        raise InputError(f"{source}: not an ONNX model (it has no graph or no IR version)")
+    return proto
+
+
+class _ExternalData:
+    """Memory-maps the external-data files a model names, after checking each is safe."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.base_dir = source.resolve().parent
+        self.maps: dict[str, tuple[object, mmap.mmap | bytes]] = {}
+        self.spans: dict[str, list[tuple[int, int]]] = {}
+
+    def __enter__(self) -> _ExternalData:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle, view in self.maps.values():
+            if isinstance(view, mmap.mmap):
+                view.close()
+            handle.close()  # type: ignore[attr-defined]
+        self.maps.clear()
+
+    def read(self, tensor: onnx.TensorProto, location: str, offset: int, length: int) -> memoryview:
+        if not is_safe_file_name(location):
+            raise InputError(
+                f"{self.source}: tensor '{tensor.name}' names external data at {location!r}; "
+                "onnxz packs only external data in a plain file beside the model"
+            )
+        path = self.base_dir / location
+        if location not in self.maps:
+            if not path.is_file() or path.is_symlink():
+                raise InputError(
+                    f"{self.source}: tensor '{tensor.name}' needs external data file "
+                    f"'{location}', which is not a regular file in {self.base_dir}"
+                )
+            handle = open(path, "rb")  # noqa: SIM115 - closed in __exit__
+            size = path.stat().st_size
+            view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            self.maps[location] = (handle, view)
+            self.spans[location] = []
+        view = self.maps[location][1]
+        if offset + length > len(view):
+            raise InputError(
+                f"{self.source}: tensor '{tensor.name}' needs bytes up to {offset + length} of "
+                f"'{location}', but that file has only {len(view)} bytes (truncated?)"
+            )
+        self.spans[location].append((offset, offset + length))
+        return memoryview(view)[offset : offset + length]
+
+    def describe(self) -> dict[str, tuple[int, bool, str]]:
+        """Per file: size, whether every byte outside the tensors is zero, sha256."""
+        out = {}
+        for location, (_, view) in self.maps.items():
+            digest = hashlib.sha256()
+            mv = memoryview(view)
+            for pos in range(0, len(mv), 1 << 24):
+                digest.update(mv[pos : pos + (1 << 24)])
+            gaps_zero = True
+            cursor = 0
+            for begin, end in sorted(self.spans[location]):
+                if begin > cursor and np.frombuffer(mv[cursor:begin], np.uint8).any():
+                    gaps_zero = False
+                cursor = max(cursor, end)
+            if cursor < len(mv) and np.frombuffer(mv[cursor:], np.uint8).any():
+                gaps_zero = False
+            del mv
+            out[location] = (len(view), gaps_zero, digest.hexdigest())
+        return out
+
+
+def _collect(
+    source: Path, proto: onnx.ModelProto, external: _ExternalData, min_bytes: int
+) -> list[_Candidate]:
+    """The tensors to cut out of the graph: large inline ones and every external one."""
+    candidates = []
+    for tensor in iter_tensor_protos(proto):
+        if any(e.key == MARKER_KEY for e in tensor.external_data):
+            raise InputError(
+                f"{source}: tensor '{tensor.name}' already carries an '{MARKER_KEY}' entry; "
+                "this model was not written by onnx"
+            )
+        shape = list(tensor.dims)
+        expected = expected_raw_size(tensor.data_type, shape)
+        bits = dtype_bits(tensor.data_type) or 8
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = external_info(tensor)
+            if expected is None:
+                raise InputError(
+                    f"{source}: tensor '{tensor.name}' of type {dtype_name(tensor.data_type)} "
+                    "is in external data; onnxz cannot pack that type externally"
+                )
+            try:
+                offset = int(info.get("offset", 0))
+                length = int(info["length"]) if "length" in info else expected
+            except ValueError as exc:
+                raise InputError(f"{source}: tensor '{tensor.name}' has a bad external offset or length") from exc
+            if length != expected:
+                raise InputError(
+                    f"{source}: tensor '{tensor.name}' declares {length} external bytes, but "
+                    f"{dtype_name(tensor.data_type)} {shape} holds {expected}"
+                )
+            location = info.get("location", "")
+            data = external.read(tensor, location, offset, length)
+            ref = ExternalRef(location, offset, length)
+            candidates.append(_Candidate(tensor, data, codecs.group_width(bits), ref))
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= max(min_bytes, 1):
+            if len(tensor.raw_data) != expected:
+                logger.warning(
+                    "Tensor '%s' has %d raw bytes where %s %s needs %s; left in the graph",
+                    tensor.name, len(tensor.raw_data), dtype_name(tensor.data_type), shape, expected,
+                )
+                continue
+            candidates.append(_Candidate(tensor, tensor.raw_data, codecs.group_width(bits), None))
+    return candidates
+
+
+def _code_all(
+    candidates: list[_Candidate],
+    level: int,
+    threads: int | None,
+    progress: ProgressCallback | None,
+) -> tuple[list[TensorEntry], dict[str, bytes]]:
+    """Hashes and codes every distinct tensor in a thread pool; returns entries and streams."""
+    workers = max(1, threads or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(lambda c: hashlib.sha256(c.data).hexdigest(), candidates))
+        first: dict[tuple[str, int], int] = {}
+        for index, (cand, digest) in enumerate(zip(candidates, digests, strict=True)):
+            cand.sha256 = digest
+            first.setdefault((digest, len(cand.data)), index)
+        unique = sorted(set(first.values()))
+        futures = {
+            pool.submit(codecs.encode, candidates[i].data, candidates[i].width, level): i
+            for i in unique
+        }
+        coded: dict[int, codecs.Encoded] = {}
+        for done, future in enumerate(as_completed(futures), start=1):
+            index = futures[future]
+            coded[index] = future.result()
+            if progress is not None:
+                progress(done, len(unique), candidates[index].tensor.name)
+    entries = []
+    streams: dict[str, bytes] = {}
+    for index, cand in enumerate(candidates):
+        owner = first[(cand.sha256, len(cand.data))]
+        encoded = coded[owner]
+        member = tensor_member(owner)
+        streams[member] = encoded.data
+        entries.append(
+            TensorEntry(
+                name=cand.tensor.name,
+                dtype=dtype_name(cand.tensor.data_type),
+                shape=list(cand.tensor.dims),
+                codec=encoded.codec,
+                params=encoded.params,
+                raw_size=len(cand.data),
+                coded_size=len(encoded.data),
+                sha256=cand.sha256,
+                member=member,
+                external=cand.external,
+            )
+        )
+    return entries, streams
+
+
+def _write(output: Path, manifest: Manifest, graph: bytes, streams: dict[str, bytes]) -> None:
+    """Writes the ZIP of stored members into a temporary file and renames it into place."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(
+            handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True
+        ) as archive:
+            for name, payload in [(MANIFEST_MEMBER, manifest.to_json()), (GRAPH_MEMBER, graph)]:
+                archive.writestr(zipfile.ZipInfo(name, ZIP_DATE_TIME), payload)
+            for name in sorted(streams):
+                info = zipfile.ZipInfo(name, ZIP_DATE_TIME)
+                archive.writestr(info, streams[name])
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,546 @@
+"""Reading ``.onnxz`` containers: unpacking to ``.onnx`` and decoding in memory for sessions.
+
+Reading is defensive, because a container may come from anywhere:
+
+* the manifest is parsed and every field type-checked, and every declared size is checked
+  against the dtype and shape and against :class:`~onnxpress.packing.limits.Limits` before
+  a byte is decoded; each decoder is capped at the declared size (no decompression bombs);
+* every decoded tensor's sha256 is compared with the manifest, and the whole unpacked file
+  with the source's sha256 when the container says the round trip is byte-exact;
+* member names are looked up inside the ZIP and never joined to a folder; the only name
+  that reaches the disk, an external-data file name, must be a bare safe file name;
+* a truncated or corrupt container is reported with the tensor it breaks.
+
+Models whose tensors fit in one protobuf (< 2 GB) are rebuilt in memory and handed to
+onnxruntime as bytes, with no temporary file. Larger ones are streamed, one tensor at a
+time, into an external-data file in a temporary folder that is removed once onnxruntime has
+built its session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import google.protobuf.message
+import onnx
+import onnx_ir as ir
+
+from onnxpress.errors import InputError
+from onnxpress.packing import codecs
+from onnxpress.packing.format import (
+    GRAPH_MEMBER,
+    MANIFEST_MEMBER,
+    SUFFIX,
+    ZIP_MAGIC,
+    Manifest,
+    TensorEntry,
+    dtype_name,
+    is_safe_file_name,
+    iter_tensor_protos,
+    marker_index,
+    pop_marker,
+)
+from onnxpress.packing.limits import DEFAULT_LIMITS, Limits
+
+logger = logging.getLogger(__name__)
+
+#: Largest total of tensor bytes rebuilt as one in-memory protobuf (protobuf's 2 GB cap,
+#: less room for the graph); above it, sessions stream to a temporary external-data file.
+INLINE_LIMIT_BYTES = 2**31 - 2**27
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+def is_packed(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is an ``.onnxz`` container (by suffix or by the ZIP magic)."""
+    path = Path(path)
+    if path.suffix.lower() == SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == ZIP_MAGIC
+    except OSError:
+        return False
+
+
+class PackedModel:
+    """An open ``.onnxz`` container whose manifest has been checked against the limits.
+
+    Use as a context manager. Decoding methods are safe to call from several threads.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], limits: Limits | None = None) -> None:
+        self.path = Path(path)
+        self.limits = limits or DEFAULT_LIMITS
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such file")
+        self.file_size = self.path.stat().st_size
+        if self.file_size == 0:
+            raise InputError(f"{self.path}: the file is empty, expected an .onnxz container")
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise InputError(_diagnose_broken_zip(self.path, exc)) from exc
+        self._lock = threading.Lock()
+        try:
+            self.manifest = self._read_manifest()
+            self._check_members()
+            self._check_limits()
+        except BaseException:
+            self.zip.close()
+            raise
+
+    def __enter__(self) -> PackedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.zip.close()
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _info(self, name: str, what: str) -> zipfile.ZipInfo:
+        try:
+            info = self.zip.getinfo(name)
+        except KeyError:
+            raise InputError(f"{self.path}: {what} is missing (no member '{name}')") from None
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise InputError(
+                f"{self.path}: member '{name}' ({what}) is compressed with ZIP method "
+                f"{info.compress_type}; onnxz members must be stored"
+            )
+        return info
+
+    def _read_manifest(self) -> Manifest:
+        info = self._info(MANIFEST_MEMBER, "the manifest")
+        if info.file_size > self.limits.max_manifest_bytes:
+            raise InputError(
+                f"{self.path}: the manifest is {info.file_size} bytes, over the limit of "
+                f"{self.limits.max_manifest_bytes}"
+            )
+        return Manifest.from_json(self._read(MANIFEST_MEMBER, "the manifest"), str(self.path))
+
+    def _check_members(self) -> None:
+        graph = self._info(GRAPH_MEMBER, "the graph")
+        if graph.file_size != self.manifest.graph_coded_size:
+            raise InputError(
+                f"{self.path}: the graph member holds {graph.file_size} bytes, the manifest "
+                f"says {self.manifest.graph_coded_size}"
+            )
+        by_member: dict[str, TensorEntry] = {}
+        for entry in self.manifest.tensors:
+            info = self._info(entry.member, f"the stream of tensor '{entry.name}'")
+            if info.file_size != entry.coded_size:
+                raise InputError(
+                    f"{self.path}: tensor '{entry.name}': member '{entry.member}' holds "
+                    f"{info.file_size} bytes, the manifest says {entry.coded_size}"
+                )
+            other = by_member.setdefault(entry.member, entry)
+            if (other.sha256, other.raw_size, other.codec, other.params) != (
+                entry.sha256, entry.raw_size, entry.codec, entry.params,
+            ):
+                raise InputError(
+                    f"{self.path}: tensors '{other.name}' and '{entry.name}' share member "
+                    f"'{entry.member}' but declare different contents"
+                )
+
+    def _check_limits(self) -> None:
+        limits = self.limits
+        if len(self.manifest.tensors) > limits.max_tensors:
+            raise InputError(
+                f"{self.path}: {len(self.manifest.tensors)} tensors, over the limit of "
+                f"{limits.max_tensors}"
+            )
+        total = self.total_raw_bytes + self.manifest.graph_raw_size
+        if total > limits.max_total_bytes:
+            raise InputError(
+                f"{self.path}: the container declares {total} decoded bytes, over the limit of "
+                f"{limits.max_total_bytes}; raise the limit (--max-bytes) if you trust this file"
+            )
+        ratio = total / self.file_size
+        if ratio > limits.max_ratio:
+            raise InputError(
+                f"{self.path}: the container declares {total} decoded bytes from a "
+                f"{self.file_size}-byte file ({ratio:.0f}x, over the limit of "
+                f"{limits.max_ratio:g}x); refused as a possible decompression bomb; raise "
+                "the limit (--max-ratio) if you trust this file"
+            )
+
+    @property
+    def total_raw_bytes(self) -> int:
+        """Decoded bytes of every tensor (a tensor stored once but used twice counts twice)."""
+        return sum(entry.raw_size for entry in self.manifest.tensors)
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def _read(self, name: str, what: str) -> bytes:
+        try:
+            with self._lock:
+                return self.zip.read(name)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise InputError(f"{self.path}: {what} is corrupt or truncated (member '{name}'): {exc}") from exc
+
+    def graph_proto(self) -> onnx.ModelProto:
+        """The stripped ModelProto, sha-checked, with every marker checked against the manifest."""
+        manifest = self.manifest
+        coded = self._read(GRAPH_MEMBER, "the graph")
+        try:
+            raw = codecs.decode_frame(coded, manifest.graph_raw_size)
+        except codecs.CodecError as exc:
+            raise InputError(f"{self.path}: the graph member is corrupt: {exc}") from exc
+        if hashlib.sha256(raw).hexdigest() != manifest.graph_sha256:
+            raise InputError(f"{self.path}: the graph's sha256 does not match the manifest (corrupt file)")
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(raw)
+        except google.protobuf.message.DecodeError as exc:
+            raise InputError(f"{self.path}: the graph member is not a ModelProto: {exc}") from exc
+        seen = [0] * len(manifest.tensors)
+        for tensor in iter_tensor_protos(proto):
+            try:
+                index = marker_index(tensor)
+            except ValueError as exc:
+                raise InputError(f"{self.path}: {exc}") from exc
+            if index is None:
+                continue
+            if index >= len(manifest.tensors):
+                raise InputError(
+                    f"{self.path}: tensor '{tensor.name}' points at manifest entry {index}, "
+                    f"but the manifest has {len(manifest.tensors)}"
+                )
+            entry = manifest.tensors[index]
+            if (tensor.name, dtype_name(tensor.data_type), list(tensor.dims)) != (
+                entry.name, entry.dtype, entry.shape,
+            ):
+                raise InputError(
+                    f"{self.path}: graph tensor '{tensor.name}' does not match manifest entry "
+                    f"{index} ('{entry.name}' {entry.dtype} {entry.shape})"
+                )
+            seen[index] += 1
+        missing = [manifest.tensors[i].name for i, n in enumerate(seen) if n != 1]
+        if missing:
+            raise InputError(
+                f"{self.path}: manifest tensors not referenced exactly once by the graph: "
+                + ", ".join(f"'{m}'" for m in missing[:5])
+            )
+        return proto
+
+    def tensor_bytes(self, index: int) -> bytes:
+        """Decodes tensor ``index`` and checks its sha256; errors name the tensor."""
+        entry = self.manifest.tensors[index]
+        what = f"tensor '{entry.name}'"
+        coded = self._read(entry.member, what)
+        try:
+            raw = codecs.decode(entry.codec, coded, entry.raw_size, entry.params)
+        except codecs.CodecError as exc:
+            raise InputError(f"{self.path}: {what} (member '{entry.member}') is corrupt: {exc}") from exc
+        if hashlib.sha256(raw).hexdigest() != entry.sha256:
+            raise InputError(
+                f"{self.path}: {what} (member '{entry.member}'): sha256 mismatch, the decoded "
+                "bytes differ from what was packed (corrupt file)"
+            )
+        return raw
+
+    def decode_all(
+        self, threads: int | None = None, progress: ProgressCallback | None = None
+    ) -> list[bytes]:
+        """Every tensor's bytes, in manifest order; each stored stream is decoded once."""
+        tensors = self.manifest.tensors
+        first: dict[str, int] = {}
+        for index, entry in enumerate(tensors):
+            first.setdefault(entry.member, index)
+        workers = max(1, threads or os.cpu_count() or 1)
+        unique = list(first.values())
+        decoded: dict[int, bytes] = {}
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for done, (index, raw) in enumerate(
+                zip(unique, pool.map(self.tensor_bytes, unique), strict=True), start=1
+            ):
+                decoded[index] = raw
+                if progress is not None:
+                    progress(done, len(unique), tensors[index].name)
+        return [decoded[first[entry.member]] for entry in tensors]
+
+
+def _restore(proto: onnx.ModelProto, data: list[bytes], *, keep_external: bool) -> None:
+    """Puts tensor bytes back; external tensors become inline unless ``keep_external``."""
+    for tensor in iter_tensor_protos(proto):
+        index = marker_index(tensor)
+        if index is None:
+            continue
+        pop_marker(tensor)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if keep_external:
+                continue
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+        tensor.raw_data = data[index]
+
+
+def load_model_proto(
+    path: str | os.PathLike[str], *, limits: Limits | None = None, threads: int | None = None
+) -> onnx.ModelProto:
+    """Decodes an ``.onnxz`` into one in-memory ModelProto with every tensor inline.
+
+    Raises:
+        InputError: The container is unsafe, corrupt or truncated, or its tensors exceed
+            the 2 GB protobuf limit (use :func:`unpack` to write external data instead).
+    """
+    with PackedModel(path, limits) as packed:
+        if packed.total_raw_bytes > INLINE_LIMIT_BYTES:
+            raise InputError(
+                f"{path}: {packed.total_raw_bytes} bytes of tensors do not fit one protobuf; "
+                "unpack it (external data is written) or use onnxpress.load_session"
+            )
+        proto = packed.graph_proto()
+        _restore(proto, packed.decode_all(threads), keep_external=False)
+    return proto
+
+
+def load_packed_model(
+    path: str | os.PathLike[str], *, limits: Limits | None = None, threads: int | None = None
+) -> ir.Model:
+    """The model in an ``.onnxz`` as onnx_ir, decoded in memory (no temporary file)."""
+    return ir.from_proto(load_model_proto(path, limits=limits, threads=threads))
+
+
+@contextlib.contextmanager
+def session_source(
+    path: str | os.PathLike[str],
+    *,
+    limits: Limits | None = None,
+    threads: int | None = None,
+    inline_limit: int = INLINE_LIMIT_BYTES,
+) -> Iterator[bytes | str]:
+    """What to hand ``onnxruntime.InferenceSession`` for an ``.onnxz``: bytes, or a path.
+
+    Models whose tensors total at most ``inline_limit`` bytes are rebuilt in memory and
+    yielded as serialized bytes. Larger ones are streamed tensor by tensor into a temporary
+    folder (model plus one external-data file) whose path is yielded; the folder is removed
+    when the context exits, so build the session inside it.
+    """
+    with PackedModel(path, limits) as packed:
+        proto = packed.graph_proto()
+        if packed.total_raw_bytes <= inline_limit:
+            _restore(proto, packed.decode_all(threads), keep_external=False)
+            yield proto.SerializeToString()
+            return
+        with tempfile.TemporaryDirectory(prefix="onnxz-") as tmp:
+            model_path = Path(tmp) / "model.onnx"
+            _stream_to_external(packed, proto, Path(tmp) / "model.onnx.data", threads)
+            model_path.write_bytes(proto.SerializeToString())
+            logger.info("Streamed %s to external data in %s", path, tmp)
+            yield str(model_path)
+
+
+def _stream_to_external(
+    packed: PackedModel, proto: onnx.ModelProto, data_path: Path, threads: int | None
+) -> None:
+    """Writes every tensor into ``data_path`` (4 KiB aligned) and points the graph at it."""
+    tensors = packed.manifest.tensors
+    offsets = []
+    offset = 0
+    for entry in tensors:
+        offsets.append(offset)
+        offset += -(-entry.raw_size // 4096) * 4096
+    with open(data_path, "wb") as handle:
+        handle.truncate(offset)
+        workers = max(1, threads or os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # map() keeps at most `workers` decoded tensors waiting beyond the one written.
+            for index, raw in enumerate(pool.map(packed.tensor_bytes, range(len(tensors)))):
+                os.pwrite(handle.fileno(), raw, offsets[index])
+    for tensor in iter_tensor_protos(proto):
+        index = marker_index(tensor)
+        if index is None:
+            continue
+        pop_marker(tensor)
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (
+            ("location", data_path.name),
+            ("offset", str(offsets[index])),
+            ("length", str(tensors[index].raw_size)),
+        ):
+            item = tensor.external_data.add()
+            item.key, item.value = key, value
+
+
+@dataclass
+class UnpackReport:
+    """What :func:`unpack` wrote."""
+
+    source: Path
+    output: Path
+    external_files: list[Path]
+    tensors: int
+    bytes_written: int
+    byte_exact: bool
+    seconds: float
+
+
+def unpack(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    limits: Limits | None = None,
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> UnpackReport:
+    """Unpacks an ``.onnxz`` into the ``.onnx`` (and external-data files) it was packed from.
+
+    When the manifest says ``byte_exact``, the written model (and each external-data file)
+    is checked against the source's sha256, so success means a bit-exact round trip.
+    External-data files keep the names the source model gave them and are written beside
+    ``output``. Everything is written to temporary files first and renamed at the end.
+
+    Raises:
+        InputError: The container is unsafe, corrupt or truncated, or an output exists
+            without ``force``.
+    """
+    start = time.perf_counter()
+    source, output = Path(source), Path(output)
+    with PackedModel(source, limits) as packed:
+        manifest = packed.manifest
+        targets = [output] + [output.parent / f.location for f in manifest.external_files]
+        if not output.parent.is_dir():
+            raise InputError(f"{output}: the output folder {output.parent} does not exist")
+        for target in targets:
+            if target.exists() and target.resolve() == source.resolve():
+                raise InputError(f"{target}: that is the input container; choose another output")
+            if target.exists() and not force:
+                raise InputError(f"{target}: the output already exists; pass --force to replace it")
+        if len(set(targets)) != len(targets):
+            raise InputError(f"{output}: the output name collides with an external-data file name")
+        proto = packed.graph_proto()
+        tmp_files: dict[Path, Path] = {}
+        try:
+            for ext in manifest.external_files:
+                assert is_safe_file_name(ext.location)  # checked when the manifest was read
+                fd, name = tempfile.mkstemp(prefix=f".{ext.location}.", dir=output.parent)
+                os.close(fd)
+                tmp_files[output.parent / ext.location] = Path(name)
+                with open(name, "r+b") as handle:
+                    handle.truncate(ext.size)
+            inline = _write_tensors(packed, tmp_files, output.parent, threads, progress)
+            _restore(proto, inline, keep_external=True)
+            data = proto.SerializeToString()
+            if manifest.byte_exact and hashlib.sha256(data).hexdigest() != manifest.source_sha256:
+                raise InputError(f"{source}: the unpacked model's sha256 differs from the packed source")
+            for ext in manifest.external_files:
+                tmp = tmp_files[output.parent / ext.location]
+                if manifest.byte_exact and _file_sha256(tmp) != ext.sha256:
+                    raise InputError(
+                        f"{source}: the unpacked external data '{ext.location}' differs from the source"
+                    )
+            fd, name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            tmp_files[output] = Path(name)
+            for target, tmp in tmp_files.items():
+                os.replace(tmp, target)
+        finally:
+            for tmp in tmp_files.values():
+                tmp.unlink(missing_ok=True)
+    report = UnpackReport(
+        source=source,
+        output=output,
+        external_files=[output.parent / f.location for f in manifest.external_files],
+        tensors=len(manifest.tensors),
+        bytes_written=len(data) + sum(f.size for f in manifest.external_files),
+        byte_exact=manifest.byte_exact,
+        seconds=time.perf_counter() - start,
+    )
+    logger.info("Unpacked %s into %s in %.2fs", source, output, report.seconds)
+    return report
+
+
+def _write_tensors(
+    packed: PackedModel,
+    tmp_files: dict[Path, Path],
+    folder: Path,
+    threads: int | None,
+    progress: ProgressCallback | None,
+) -> list[bytes]:
+    """Decodes every tensor; external ones go to their file, inline ones are returned."""
+    tensors = packed.manifest.tensors
+    inline: list[bytes] = [b""] * len(tensors)
+    workers = max(1, threads or os.cpu_count() or 1)
+    handles = {path: open(tmp, "r+b") for path, tmp in tmp_files.items()}  # noqa: SIM115
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for index, raw in enumerate(pool.map(packed.tensor_bytes, range(len(tensors)))):
+                entry = tensors[index]
+                if entry.external is None:
+                    inline[index] = raw
+                else:
+                    handle = handles[folder / entry.external.location]
+                    os.pwrite(handle.fileno(), raw, entry.external.offset)
+                if progress is not None:
+                    progress(index + 1, len(tensors), entry.name)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return inline
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# explaining a file that is not a readable ZIP
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+
+
+def _diagnose_broken_zip(path: Path, exc: BaseException) -> str:
+    """Names what a truncated container lost, by walking its local file headers."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return f"{path}: cannot read the file: {exc}"
+    if not data.startswith(ZIP_MAGIC):
+        return f"{path}: not an .onnxz container (it does not start with a ZIP header): {exc}"
+    names: dict[str, str] = {}
+    pos = 0
+    last = None
+    while pos + _LOCAL_HEADER.size <= len(data) and data[pos : pos + 4] == ZIP_MAGIC:
+        fields = _LOCAL_HEADER.unpack_from(data, pos)
+        size, name_len, extra_len = fields[7], fields[9], fields[10]
+        name = data[pos + 30 : pos + 30 + name_len].decode("utf-8", "replace")
+        body = pos + 30 + name_len + extra_len
+        if size == 0xFFFFFFFF:  # zip64 sizes live in the extra field
+            size = struct.unpack_from("<Q", data, pos + 30 + name_len + 12)[0]
+        if name == MANIFEST_MEMBER and body + size <= len(data):
+            with contextlib.suppress(Exception):
+                manifest = Manifest.from_json(data[body : body + size], str(path))
+                names = {t.member: t.name for t in manifest.tensors}
+        what = f"tensor '{names[name]}' (member '{name}')" if name in names else f"member '{name}'"
+        if body + size > len(data):
+            have = max(0, len(data) - body)
+            return f"{path}: the file is truncated inside {what}: {have} of {size} bytes present"
+        last = what
+        pos = body + size
+    after = f" after {last}" if last else ""
+    return f"{path}: the file is truncated or corrupt{after} (its ZIP directory is missing): {exc}"
