@@ -117,10 +117,10 @@ class PruneMagnitudeConfig:
                     f"sparsity {self.sparsity} conflicts with pattern {self.pattern} (which means "
                     f"{1 - n / m:g}); give one of them"
                 )
-            if self.per_layer or self.scope == "global":
-                raise ValueError("pattern N:M fixes the sparsity of every tensor: per_layer and scope=global do not apply")
+            if self.per_layer:
+                raise ValueError("pattern N:M fixes the sparsity of every tensor: per_layer does not apply")
         if self.scope == "global" and self.granularity == "row":
-            raise ValueError("granularity=row ranks within each row: use scope=per-layer with it")
+            raise ValueError("granularity=row ranks within each output row, which needs scope=per-layer")
 
     @property
     def pattern_nm(self) -> tuple[int, int]:
