@@ -46,8 +46,8 @@ import onnx_ir as ir
 
 import onnxpress
 from onnxpress.models.digits import digits_cnn_path
-from onnxpress.sessions import load_session
 from onnxpress.report import human_bytes
+from onnxpress.sessions import load_session
 
 #: External tensors start at multiples of this, so onnxruntime can memory-map them.
 ALIGNMENT = 64 * 1024
@@ -121,14 +121,19 @@ def build_synthetic(folder: Path, size_gb: float, layers: int, seed: int) -> Pat
             data_name, i * stride, weight_bytes, ir.DataType.FLOAT,
             shape=ir.Shape([dim, dim]), name=f"W{i}", base_dir=folder,
         )
-        weights.append(ir.Value(name=f"W{i}", shape=tensor.shape, type=ir.TensorType(ir.DataType.FLOAT), const_value=tensor))
+        weights.append(ir.Value(
+            name=f"W{i}", shape=tensor.shape, type=ir.TensorType(ir.DataType.FLOAT),
+            const_value=tensor,
+        ))
 
     batch = ir.SymbolicDim("batch")
     x = ir.Value(name="x", shape=ir.Shape([batch, dim]), type=ir.TensorType(ir.DataType.FLOAT))
     nodes: list[ir.Node] = []
     initializers = list(weights)
 
-    def add(op: str, inputs: list[ir.Value], name: str, shape: list | None = None, **attrs: object) -> ir.Value:
+    def add(
+        op: str, inputs: list[ir.Value], name: str, shape: list | None = None, **attrs: object
+    ) -> ir.Value:
         node = ir.node(op, inputs, attributes=attrs or None, name=name)
         node.outputs[0].name = name
         node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)  # every value here is float
@@ -151,7 +156,8 @@ def build_synthetic(folder: Path, size_gb: float, layers: int, seed: int) -> Pat
             b2 = constant(f"bias{i}_b", rng.standard_normal(dim).astype(np.float32) * 0.01)
             h = add("Add", [h, add("Add", [b1, b2], f"bias{i}", shape=[dim])], f"biased{i}")
         elif kind == 2:  # twin branches: cse merges them
-            h = add("Add", [add("Tanh", [h], f"tanh{i}_a"), add("Tanh", [h], f"tanh{i}_b")], f"sum{i}")
+            twins = [add("Tanh", [h], f"tanh{i}_a"), add("Tanh", [h], f"tanh{i}_b")]
+            h = add("Add", twins, f"sum{i}")
         else:
             h = add("Transpose", [h], f"transpose{i}", perm=[0, 1])
             h = add("Dropout", [h], f"dropout{i}")
@@ -162,7 +168,9 @@ def build_synthetic(folder: Path, size_gb: float, layers: int, seed: int) -> Pat
     initializers.append(dead_weight)
     add("Mul", [add("Sigmoid", [h], "dead_sigmoid"), dead_weight], "dead_mul")
     y = add("Identity", [h], "y")
-    graph = ir.Graph([x], [y], nodes=nodes, initializers=initializers, opset_imports={"": 18}, name="synthetic")
+    graph = ir.Graph(
+        [x], [y], nodes=nodes, initializers=initializers, opset_imports={"": 18}, name="synthetic"
+    )
     model = ir.Model(graph, ir_version=10, producer_name="onnxpress-benchmark")
     path = folder / "synthetic.onnx"
     ir.save(model, path)  # external tensors keep their references; nothing is read
@@ -244,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=2.5,
                         help="constants of the synthetic model, in GB (1e9 bytes); 0 skips it")
-    parser.add_argument("--layers", type=int, default=6, help="MatMul weights in the synthetic chain")
+    parser.add_argument("--layers", type=int, default=6,
+                        help="MatMul weights in the synthetic chain")
     parser.add_argument("--work-dir", type=Path, help="where to build (default: a new temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the models built and written")
     parser.add_argument("--seed", type=int, default=0)

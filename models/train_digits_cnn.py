@@ -13,8 +13,11 @@ software reproduces the same weights.
 Outputs, written to ``--out-dir`` (this package's folder by default):
 
 - ``digits_cnn.onnx``: opset 18, input ``image`` float32 ``[N, 1, 8, 8]``, output ``logits``
-  float32 ``[N, 10]``, BatchNorm in eval mode, exported with torch's dynamo exporter into one
-  self-contained file. The export is checked against PyTorch in onnxruntime.
+  float32 ``[N, 10]``, exported with torch's dynamo exporter into one self-contained file and
+  checked against PyTorch in onnxruntime. BatchNorm is exported in eval mode, where it is an
+  affine map that the exporter's optimizer folds into the convolution before it
+  (``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``),
+  so the graph is ``Conv, Relu, Conv, Relu, MaxPool, Reshape, Gemm, Relu, Gemm``.
 - ``digits_test.npz``: the held-out split, ``image`` float32 ``[N, 1, 8, 8]`` and ``label`` int64.
 - ``digits_calib.npz``: ``image``, 256 training samples for calibrating quantization.
 
@@ -63,7 +66,10 @@ def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def build_model():  # -> torch.nn.Module (torch is imported lazily)
-    """Conv(1->16)+BN+ReLU, Conv(16->32)+BN+ReLU, MaxPool 2, Linear(512->64)+ReLU, Linear(64->10)."""
+    """Conv(1->16)+BN+ReLU, Conv(16->32)+BN+ReLU, MaxPool 2, Linear(512->64)+ReLU, Linear(64->10).
+
+    All convolutions are 3x3 with padding 1, so the 8x8 image stays 8x8 until the pool.
+    """
     from torch import nn
 
     return nn.Sequential(
