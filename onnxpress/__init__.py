@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from onnxpress.model_io import load_model, save_model
 from onnxpress.pipeline import Pipeline, StepRecord
 from onnxpress.recipes import apply_overrides, load_preset, load_recipe
+from onnxpress.sessions import load_session
 
 __all__ = [
     "Pipeline",
@@ -24,5 +25,6 @@ __all__ = [
     "load_model",
     "load_preset",
     "load_recipe",
+    "load_session",
     "save_model",
 ]

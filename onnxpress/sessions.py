@@ -12,6 +12,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from onnxpress.errors import InputError
+from onnxpress.packing.limits import Limits
+from onnxpress.packing.unpack import is_packed, packed_session
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -24,20 +26,36 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def load_session(
-    path: str | os.PathLike[str], *, threads: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    limits: Limits | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a model file.
 
     Args:
-        path: A ``.onnx`` file (external data beside it is found by onnxruntime).
+        path: A ``.onnx`` file (external data beside it is found by onnxruntime), or a
+            packed ``.onnxz``, which is decoded in memory (no temporary file below 2 GB).
         threads: Intra-op threads; onnxruntime's default when None.
+        limits: What a packed file may declare before it is decoded (decompression-bomb
+            guard); :data:`onnxpress.packing.DEFAULT_LIMITS` when None.
 
     Raises:
-        InputError: The file is missing or onnxruntime cannot load it.
+        InputError: The file is missing, a packed file is unsafe, corrupt or truncated, or
+            onnxruntime cannot load the model.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such model file")
+    if is_packed(path):
+        try:
+            return packed_session(
+                path, session_options(threads), ["CPUExecutionProvider"], limits=limits
+            )
+        except InputError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise InputError(f"{path}: onnxruntime cannot load the packed model: {exc}") from exc
     try:
         return ort.InferenceSession(
             str(path), session_options(threads), providers=["CPUExecutionProvider"]
