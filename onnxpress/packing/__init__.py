@@ -20,7 +20,7 @@ from onnxpress.packing.unpack import (
     is_packed,
     load_model_proto,
     load_packed_model,
-    session_source,
+    packed_session,
     unpack,
 )
 
@@ -39,6 +39,6 @@ __all__ = [
     "load_model_proto",
     "load_packed_model",
     "pack",
-    "session_source",
+    "packed_session",
     "unpack",
 ]

@@ -255,7 +255,18 @@ def encode(
 
 
 def decode(codec: str, data: bytes | memoryview, raw_size: int, params: dict[str, int]) -> bytes:
-    """Decodes one coded stream into exactly ``raw_size`` bytes.
+    """Decodes one coded stream into exactly ``raw_size`` bytes (see :func:`decode_array`)."""
+    out = decode_array(codec, data, raw_size, params)
+    return out if isinstance(out, bytes) else out.tobytes()
+
+
+def decode_array(
+    codec: str, data: bytes | memoryview, raw_size: int, params: dict[str, int]
+) -> np.ndarray | bytes:
+    """Decodes one coded stream into exactly ``raw_size`` bytes, avoiding copies.
+
+    Returns:
+        A fresh (not shared with ``data``) ``bytes`` object or 1-D uint8 array.
 
     Raises:
         CodecError: Unknown codec, bad parameters, or a stream that is corrupt or truncated
@@ -289,4 +300,4 @@ def decode(codec: str, data: bytes | memoryview, raw_size: int, params: dict[str
             _decode_planes_into(values, reader, nnz)
             out[nonzero] = values
     reader.finish()
-    return out.tobytes()
+    return out.reshape(-1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import mmap
 import os
 import struct
 import tempfile
@@ -34,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import google.protobuf.message
+import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from onnxpress.errors import InputError
 from onnxpress.packing import codecs
@@ -94,12 +97,14 @@ class PackedModel:
         except (zipfile.BadZipFile, OSError) as exc:
             raise InputError(_diagnose_broken_zip(self.path, exc)) from exc
         self._lock = threading.Lock()
+        self._handle = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self.manifest = self._read_manifest()
             self._check_members()
             self._check_limits()
         except BaseException:
-            self.zip.close()
+            self.close()
             raise
 
     def __enter__(self) -> PackedModel:
@@ -110,6 +115,30 @@ class PackedModel:
 
     def close(self) -> None:
         self.zip.close()
+        with contextlib.suppress(BufferError):  # a caller still holds a view: GC closes it
+            self._map.close()
+        self._handle.close()
+
+    def _member_view(self, name: str, what: str) -> memoryview:
+        """The stored bytes of a member, as a view of the memory-mapped file (no copy).
+
+        The ZIP CRC is not checked here: the sha256 of every decoded tensor is.
+        """
+        info = self._info(name, what)
+        start = info.header_offset
+        if start + _LOCAL_HEADER.size > len(self._map):
+            raise InputError(f"{self.path}: {what} (member '{name}') lies past the end of the file")
+        fields = _LOCAL_HEADER.unpack_from(self._map, start)
+        if fields[0] != ZIP_MAGIC:
+            raise InputError(f"{self.path}: {what} (member '{name}'): corrupt ZIP local header")
+        begin = start + _LOCAL_HEADER.size + fields[9] + fields[10]
+        end = begin + info.compress_size
+        if end > len(self._map):
+            raise InputError(
+                f"{self.path}: {what} (member '{name}') is truncated: "
+                f"{max(0, len(self._map) - begin)} of {info.compress_size} bytes present"
+            )
+        return memoryview(self._map)[begin:end]
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -239,15 +268,17 @@ class PackedModel:
             )
         return proto
 
-    def tensor_bytes(self, index: int) -> bytes:
-        """Decodes tensor ``index`` and checks its sha256; errors name the tensor."""
+    def tensor_data(self, index: int) -> np.ndarray | bytes:
+        """Decodes tensor ``index`` (a fresh buffer) and checks its sha256; errors name it."""
         entry = self.manifest.tensors[index]
         what = f"tensor '{entry.name}'"
-        coded = self._read(entry.member, what)
+        coded = self._member_view(entry.member, what)
         try:
-            raw = codecs.decode(entry.codec, coded, entry.raw_size, entry.params)
+            raw = codecs.decode_array(entry.codec, coded, entry.raw_size, entry.params)
         except codecs.CodecError as exc:
             raise InputError(f"{self.path}: {what} (member '{entry.member}') is corrupt: {exc}") from exc
+        finally:
+            coded.release()
         if hashlib.sha256(raw).hexdigest() != entry.sha256:
             raise InputError(
                 f"{self.path}: {what} (member '{entry.member}'): sha256 mismatch, the decoded "
@@ -255,20 +286,37 @@ class PackedModel:
             )
         return raw
 
+    def tensor_bytes(self, index: int) -> bytes:
+        """Tensor ``index`` as ``bytes`` (see :meth:`tensor_data`)."""
+        raw = self.tensor_data(index)
+        return raw if isinstance(raw, bytes) else raw.tobytes()
+
     def decode_all(
-        self, threads: int | None = None, progress: ProgressCallback | None = None
-    ) -> list[bytes]:
-        """Every tensor's bytes, in manifest order; each stored stream is decoded once."""
+        self,
+        threads: int | None = None,
+        progress: ProgressCallback | None = None,
+        *,
+        as_bytes: bool = True,
+    ) -> list[bytes | np.ndarray]:
+        """Every tensor's data, in manifest order; each stored stream is decoded once.
+
+        Args:
+            threads: Streams decoded at once; all cores when None.
+            progress: Called after each decoded stream.
+            as_bytes: Return ``bytes`` (for protobuf); otherwise bytes or uint8 arrays,
+                whichever the codec produced, without a copy.
+        """
         tensors = self.manifest.tensors
         first: dict[str, int] = {}
         for index, entry in enumerate(tensors):
             first.setdefault(entry.member, index)
         workers = max(1, threads or os.cpu_count() or 1)
         unique = list(first.values())
-        decoded: dict[int, bytes] = {}
+        decoded: dict[int, bytes | np.ndarray] = {}
+        work = self.tensor_bytes if as_bytes else self.tensor_data
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for done, (index, raw) in enumerate(
-                zip(unique, pool.map(self.tensor_bytes, unique), strict=True), start=1
+                zip(unique, pool.map(work, unique), strict=True), start=1
             ):
                 decoded[index] = raw
                 if progress is not None:
@@ -276,7 +324,9 @@ class PackedModel:
         return [decoded[first[entry.member]] for entry in tensors]
 
 
-def _restore(proto: onnx.ModelProto, data: list[bytes], *, keep_external: bool) -> None:
+def _restore(
+    proto: onnx.ModelProto, data: list[bytes] | list[bytes | np.ndarray], *, keep_external: bool
+) -> None:
     """Puts tensor bytes back; external tensors become inline unless ``keep_external``."""
     for tensor in iter_tensor_protos(proto):
         index = marker_index(tensor)
@@ -288,7 +338,8 @@ def _restore(proto: onnx.ModelProto, data: list[bytes], *, keep_external: bool) 
                 continue
             del tensor.external_data[:]
             tensor.ClearField("data_location")
-        tensor.raw_data = data[index]
+        raw = data[index]
+        tensor.raw_data = raw if isinstance(raw, bytes) else raw.tobytes()
 
 
 def load_model_proto(
@@ -318,33 +369,78 @@ def load_packed_model(
     return ir.from_proto(load_model_proto(path, limits=limits, threads=threads))
 
 
-@contextlib.contextmanager
-def session_source(
+#: ONNX element types onnxruntime can take as numpy-backed OrtValues without a copy.
+_NUMPY_TYPES: dict[int, np.dtype] = {
+    onnx.TensorProto.FLOAT: np.dtype(np.float32),
+    onnx.TensorProto.DOUBLE: np.dtype(np.float64),
+    onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+    onnx.TensorProto.INT8: np.dtype(np.int8),
+    onnx.TensorProto.UINT8: np.dtype(np.uint8),
+    onnx.TensorProto.INT16: np.dtype(np.int16),
+    onnx.TensorProto.UINT16: np.dtype(np.uint16),
+    onnx.TensorProto.INT32: np.dtype(np.int32),
+    onnx.TensorProto.UINT32: np.dtype(np.uint32),
+    onnx.TensorProto.INT64: np.dtype(np.int64),
+    onnx.TensorProto.UINT64: np.dtype(np.uint64),
+    onnx.TensorProto.BOOL: np.dtype(np.bool_),
+}
+
+
+def packed_session(
     path: str | os.PathLike[str],
+    options: ort.SessionOptions,
+    providers: list[str],
     *,
     limits: Limits | None = None,
     threads: int | None = None,
     inline_limit: int = INLINE_LIMIT_BYTES,
-) -> Iterator[bytes | str]:
-    """What to hand ``onnxruntime.InferenceSession`` for an ``.onnxz``: bytes, or a path.
+) -> ort.InferenceSession:
+    """An onnxruntime session for an ``.onnxz``, decoded in memory.
 
-    Models whose tensors total at most ``inline_limit`` bytes are rebuilt in memory and
-    yielded as serialized bytes. Larger ones are streamed tensor by tensor into a temporary
-    folder (model plus one external-data file) whose path is yielded; the folder is removed
-    when the context exits, so build the session inside it.
+    Main-graph initializers of numpy-representable types are handed to onnxruntime as
+    OrtValues over the decoded buffers (``SessionOptions.add_external_initializers``), so
+    their bytes are neither copied into a protobuf nor parsed again; every other large
+    tensor is put back into the graph. The decoded buffers are kept alive on the session
+    (attribute ``onnxz_buffers``), as onnxruntime requires.
+
+    When the tensors total more than ``inline_limit`` bytes (2 GB protobuf cap), they are
+    streamed tensor by tensor into an external-data file in a temporary folder, which is
+    removed once the session is built.
     """
     with PackedModel(path, limits) as packed:
         proto = packed.graph_proto()
-        if packed.total_raw_bytes <= inline_limit:
-            _restore(proto, packed.decode_all(threads), keep_external=False)
-            yield proto.SerializeToString()
-            return
-        with tempfile.TemporaryDirectory(prefix="onnxz-") as tmp:
-            model_path = Path(tmp) / "model.onnx"
-            _stream_to_external(packed, proto, Path(tmp) / "model.onnx.data", threads)
-            model_path.write_bytes(proto.SerializeToString())
-            logger.info("Streamed %s to external data in %s", path, tmp)
-            yield str(model_path)
+        if packed.total_raw_bytes > inline_limit:
+            with tempfile.TemporaryDirectory(prefix="onnxz-") as tmp:
+                model_path = Path(tmp) / "model.onnx"
+                _stream_to_external(packed, proto, Path(tmp) / "model.onnx.data", threads)
+                model_path.write_bytes(proto.SerializeToString())
+                logger.info("Streamed %s to external data in %s", path, tmp)
+                return ort.InferenceSession(str(model_path), options, providers=providers)
+        data = packed.decode_all(threads, as_bytes=False)
+    names: list[str] = []
+    values: list[ort.OrtValue] = []
+    arrays: list[np.ndarray] = []
+    for tensor in proto.graph.initializer:
+        index = marker_index(tensor)
+        np_type = _NUMPY_TYPES.get(tensor.data_type)
+        if index is None or np_type is None or not tensor.name:
+            continue
+        pop_marker(tensor)
+        del tensor.external_data[:]
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        item = tensor.external_data.add()
+        item.key, item.value = "location", "onnxz-in-memory"
+        array = np.frombuffer(data[index], dtype=np_type).reshape(tuple(tensor.dims))
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        arrays.append(array)
+    _restore(proto, data, keep_external=False)
+    if names:
+        options.add_external_initializers(names, values)
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+    session.onnxz_buffers = (values, arrays)  # type: ignore[attr-defined]
+    return session
 
 
 def _stream_to_external(
