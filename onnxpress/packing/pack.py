@@ -15,6 +15,7 @@ gives back the file byte for byte, and the manifest records ``byte_exact: true``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import mmap
@@ -150,6 +151,9 @@ def pack(
             byte_exact = False
         source_size += sum(size for (size, _, _) in external_files.values())
         entries, streams = _code_all(candidates, level, threads, progress)
+        for cand in candidates:
+            if isinstance(cand.data, memoryview):
+                cand.data.release()
         for index, cand in enumerate(candidates):
             if cand.external is None:
                 cand.tensor.ClearField("raw_data")
@@ -241,7 +245,8 @@ class _ExternalData:
     def __exit__(self, *exc: object) -> None:
         for handle, view in self.maps.values():
             if isinstance(view, mmap.mmap):
-                view.close()
+                with contextlib.suppress(BufferError):  # a view is still alive: GC closes it
+                    view.close()
             handle.close()  # type: ignore[attr-defined]
         self.maps.clear()
 
