@@ -112,7 +112,7 @@ class PruneChannelsConfig:
         "With calibration data, repair the layers around a pruned group: bias restores their per-channel "
         "output means, weights refits their weights and bias by damped least squares.",
     )
-    damping: float = option(0.01, "Damping of the least-squares refit, relative to the mean input energy.")
+    damping: float = option(0.1, "Damping of the least-squares refit, relative to the mean input energy.")
     ops: tuple[str, ...] = option(WEIGHT_OPS, "Producer op types whose output channels may be removed.")
     exclude: tuple[str, ...] = option((), "Globs on weight or node names whose groups are left alone.")
     min_channels: int = option(4, "Groups with fewer output channels than this are left alone.")
@@ -410,7 +410,8 @@ class Group:
     def blocked(self) -> str | None:
         for trace in self.traces:
             if trace.blocked:
-                return f"{trace.producer.name}: {trace.blocked}"
+                own = trace.producer.name == self.name
+                return trace.blocked if own else f"through {trace.producer.name}: {trace.blocked}"
         return None
 
     def consumers(self) -> Iterator[tuple[WeightLayer, Flow]]:

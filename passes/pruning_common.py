@@ -359,15 +359,24 @@ def _bias_value(layer: WeightLayer, channels: int, dtype: np.dtype) -> tuple[ir.
         tensor = constant_value(other)
         if tensor is not None and tuple(tensor.shape) == (channels,) and len(other.uses()) == 1:
             return other, ""
-    if out.is_graph_output():
-        return None, "its output is a graph output"
     value = new_initializer(graph, np.zeros(channels, dtype), f"{layer.name}_bias")
     add = ir.node("Add", inputs=[out, value])
     graph.insert_after(node, add)
+    biased = add.outputs[0]
+    biased.type, biased.shape = out.type, out.shape
     for use in list(out.uses()):
         if use.node is not add:
-            use.node.replace_input_with(use.idx, add.outputs[0])
-    add.outputs[0].name = f"{out.name}_biased"
+            use.node.replace_input_with(use.idx, biased)
+    name = out.name or layer.name
+    if out.is_graph_output():  # the Add takes the output's place and name
+        outputs = graph.outputs
+        for i, v in enumerate(outputs):
+            if v is out:
+                outputs[i] = biased
+        out.name = f"{name}_unbiased"
+        biased.name = name
+    else:
+        biased.name = f"{name}_biased"
     return value, ""
 
 
@@ -509,10 +518,11 @@ def reconstruct_outputs(
     For a layer with input patches ``X`` in the pruned model and output ``Y`` in the original,
     the new weight and bias solve the damped least-squares problem
 
-        min ||X W + 1 b - Y||^2 + lambda ||W - W0||^2,   lambda = damping * trace(X^T X) / k
+        min ||X W + 1 b - Y||^2 + lambda ||W - W0||^2,
+        lambda = damping * max(1, k / n) * trace(X^T X) / k
 
-    (``W0`` the weight as pruned, ``k`` its rows), in closed form from the normal equations
-    accumulated batch by batch. The damping keeps the fit near the pruned weights when the
+    (``W0`` the weight as pruned, ``k`` its rows, ``n`` the rows of ``X``), in closed form from
+    the normal equations accumulated batch by batch. The damping keeps the fit near the pruned weights when the
     calibration set is small against the layer's inputs. Layers that cannot be written as a
     matrix product (grouped or N-d convolutions, ``auto_pad``) get the mean correction of
     :func:`correct_output_means` instead.
@@ -565,7 +575,9 @@ def reconstruct_outputs(
         if not ok:
             fallback.append(target)
             continue
-        damp = damping * max(float(np.trace(gram[:rows, :rows])) / rows, 1e-12)
+        samples = gram[rows, rows]
+        # Fewer samples than inputs leave the fit underdetermined: lean harder on the pruned weights.
+        damp = damping * max(1.0, rows / max(samples, 1.0)) * max(float(np.trace(gram[:rows, :rows])) / rows, 1e-12)
         penalty = np.full(rows + 1, damp)
         penalty[-1] = 0.0
         previous_bias = np.zeros((1, w0.shape[1]))
