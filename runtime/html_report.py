@@ -137,15 +137,17 @@ def render_html(report: ValidationReport) -> str:
                    f"<figcaption>samples/s at batch {report.batch_size}, median of {report.speed_repeats} runs "
                    f"(speedup {report.speedup:.3f}x)</figcaption></figure>")
     if report.localization is not None:
-        out.append(f"<h2>Localization</h2><p>{len(report.localization)} nodes, ranked by the SQNR they lose "
-                   "from their inputs to their output (the worst ten highlighted).</p>")
+        out.append(f"<h2>Localization</h2><p>{len(report.localization)} nodes, ranked by the noise-to-signal power "
+                   "each adds to what reaches it (node SQNR = the SQNR it would have with exact inputs) (the worst ten highlighted).</p>")
         out.append('<table id="localization"><tr><th>#</th><th>node</th><th>op</th><th>output</th>'
-                   "<th>candidate op</th><th>SQNR in dB</th><th>SQNR out dB</th><th>added dB</th><th>rel L2</th></tr>")
+                   "<th>candidate op</th><th>SQNR in dB</th><th>SQNR out dB</th><th>node SQNR dB</th><th>added NSR</th>"
+                   "<th>rel L2</th></tr>")
         for i, e in enumerate(report.localization, start=1):
             cls = ' class="worst"' if i <= 10 else ""
             out.append(f"<tr{cls}><td>{i}</td><td>{_esc(e.node or '<unnamed>')}</td><td>{_esc(e.op_type)}</td>"
                        f"<td>{_esc(e.output)}</td><td>{_esc(e.candidate_op_type)}</td><td>{e.sqnr_in_db:.1f}</td>"
-                       f"<td>{e.sqnr_out_db:.1f}</td><td>{e.added_db:.1f}</td><td>{e.rel_l2_error:.3g}</td></tr>")
+                       f"<td>{e.sqnr_out_db:.1f}</td><td>{e.node_sqnr_db:.1f}</td><td>{e.added_error:.3g}</td>"
+                       f"<td>{e.rel_l2_error:.3g}</td></tr>")
         out.append("</table>")
     out.append(f"<p><small>onnxpress validation, {report.seconds:.2f}s</small></p></body></html>")
     return "\n".join(out)

@@ -8,18 +8,25 @@ accumulated (reference ``r``, candidate ``c``, over all elements of all batches)
 
     \mathrm{SQNR}(v) = 10 \log_{10} \frac{\sum r_v^2}{\sum (r_v - c_v)^2} \ \mathrm{dB}
 
-A node ``n`` of the reference graph whose output ``v`` is shared gets
+Each node is judged in isolation, so error that merely flows through it is not blamed on it:
+a third copy of the candidate has every use of a shared value rewired to a new graph input,
+which is fed the *reference's* value. Every candidate node (or chain of nodes between shared
+values, e.g. ``QuantizeLinear -> DequantizeLinear -> Conv``) then computes from exact inputs,
+and the error of its output is its own:
 
 .. math::
 
-    \mathrm{SQNR}_{in}(n) = \min_{u \in \mathrm{inputs}(n)} \mathrm{SQNR}(u), \qquad
-    \mathrm{added}(n) = \mathrm{SQNR}_{in}(n) - \mathrm{SQNR}(v)
+    \mathrm{SQNR}_{node}(v) = 10 \log_{10} \frac{\sum r_v^2}{\sum (r_v - \tilde c_v)^2}, \qquad
+    \mathrm{added}(v) = 10^{-\mathrm{SQNR}_{node}(v)/10}
 
-where graph inputs are exact (:data:`~onnxpress.runtime.metrics.MAX_SQNR_DB`), constants
-(weights) do not count as inputs (their error is the node's own), and an input that is not
-shared is replaced by the nearest shared values upstream of it. A node that only passes error
-along has ``added`` near 0 dB; the node with a perturbed or badly quantized weight has a large
-one. Nodes are ranked by ``added``, largest first.
+with :math:`\tilde c_v` the candidate's value computed from exact inputs. Nodes are ranked by
+``added`` (the noise-to-signal power the node adds), largest first. For context each row also
+carries the propagated SQNR of the normal candidate run at the node's inputs (the worst of
+them; graph inputs are exact, constants are not inputs, an input that is not shared is
+replaced by the nearest shared values upstream) and at its output. The propagated drop alone
+would mislead: a Relu after a noisy layer "loses" dB (it cuts signal, not noise) without
+adding any error, and a slightly noisy first layer (exact inputs) "drops" more dB than a
+badly broken later one.
 
 Shared values are those with the same name in both graphs (onnxruntime's QDQ quantizer keeps
 the float names), a candidate value ``<name>_dequantized`` for a reference value ``<name>``,
@@ -30,7 +37,7 @@ Library use (the quantizer's ``--auto-exclude``)::
 
     from onnxpress.runtime import localize
     table = localize("model.onnx", "model.int8.onnx", batches, top=5)
-    exclude = [row.node for row in table if row.added_db > 10]
+    exclude = [row.node for row in table if row.node_sqnr_db < 30]  # nodes whose own SQNR is < 30 dB
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from onnxpress.errors import InputError
 from onnxpress.graphs import constant_value, infer_shapes
 from onnxpress.model_io import load_model, save_model
 from onnxpress.runtime.metrics import MAX_SQNR_DB, sqnr_db
+from onnxpress.runtime.runner import ORT_DTYPES
 from onnxpress.sessions import load_session
 
 logger = logging.getLogger(__name__)
@@ -68,10 +76,13 @@ class NodeError:
         output: The value compared (the node's output name in the reference).
         candidate_node: The node that computes the value in the candidate ('' if unnamed).
         candidate_op_type: Its op type (e.g. ``MatMul`` or ``DequantizeLinear``).
-        sqnr_in_db: The worst SQNR among the node's inputs, dB.
-        sqnr_out_db: The SQNR of its output, dB.
-        added_db: ``sqnr_in_db - sqnr_out_db``: the error the node adds, dB.
-        rel_l2_error: ``||r - c|| / ||r||`` of the output.
+        sqnr_in_db: The worst propagated SQNR among the node's inputs, dB.
+        sqnr_out_db: The propagated SQNR of its output, dB.
+        drop_db: ``sqnr_in_db - sqnr_out_db``: the propagated SQNR lost across the node, dB.
+        added_error: Noise-to-signal power of the node's output computed from exact inputs
+            (``10**(-node_sqnr_db/10)``); the ranking key.
+        node_sqnr_db: The node's own SQNR (exact inputs), dB (capped at 200).
+        rel_l2_error: ``||r - c|| / ||r||`` of the output in the normal (propagated) run.
     """
 
     node: str
@@ -81,7 +92,9 @@ class NodeError:
     candidate_op_type: str
     sqnr_in_db: float
     sqnr_out_db: float
-    added_db: float
+    drop_db: float
+    added_error: float
+    node_sqnr_db: float
     rel_l2_error: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +184,42 @@ def _session_with_outputs(model: ir.Model, names: Iterable[str], workdir: Path, 
     return load_session(path)
 
 
+def _isolated_session(model: ir.Model, names: list[str], workdir: Path) -> tuple[Any, dict[str, str]]:
+    """A session of ``model`` where every use of each named value reads a new input instead.
+
+    Returns the session and ``{value name: new input name}``; the model is restored after.
+    """
+    values = _values_by_name(model.graph)
+    taken = set(values) | {v.name for v in model.graph.initializers.values()}
+    rewired: list[tuple[ir.Node, int, ir.Value]] = []
+    new_inputs: list[ir.Value] = []
+    feeds: dict[str, str] = {}
+    for name in names:
+        value = values[name]
+        uses = list(value.uses())
+        if not uses or value.type is None:
+            continue
+        feed_name = f"{name}__reference"
+        while feed_name in taken:
+            feed_name += "_"
+        taken.add(feed_name)
+        feed = ir.Value(name=feed_name, type=value.type, shape=value.shape)
+        model.graph.inputs.append(feed)
+        new_inputs.append(feed)
+        for node, index in uses:
+            node.replace_input_with(index, feed)
+            rewired.append((node, index, value))
+        feeds[name] = feed_name
+    try:
+        session = _session_with_outputs(model, names, workdir, "isolated")
+    finally:
+        for node, index, value in rewired:
+            node.replace_input_with(index, value)
+        for feed in new_inputs:
+            model.graph.inputs.remove(feed)
+    return session, feeds
+
+
 def _upstream_shared(node: ir.Node, shared: set[str], cache: dict[str, list[str]]) -> list[str]:
     """For each non-constant input of ``node``: itself when shared, else the nearest shared values above it."""
     found: list[str] = []
@@ -219,7 +268,7 @@ def localize(
 
     Returns:
         One :class:`NodeError` per reference node with a shared output, largest
-        ``added_db`` first.
+        ``added_error`` first.
 
     Raises:
         InputError: The models share no intermediate value, or no batch was given.
@@ -242,26 +291,39 @@ def localize(
         ref_outputs = {o.name for o in ref_session.get_outputs()}
         cand_outputs = {o.name for o in cand_session.get_outputs()}
         pairs = {r: c for r, c in pairs.items() if r in ref_outputs and c in cand_outputs}
+        iso_session, iso_feeds = _isolated_session(cand_model, list(pairs.values()), workdir)
         ref_names, cand_names = list(pairs), list(pairs.values())
         ref_inputs = [i.name for i in ref_session.get_inputs()]
         cand_inputs = [i.name for i in cand_session.get_inputs()]
+        iso_types = {i.name: i.type for i in iso_session.get_inputs()}
         signal = dict.fromkeys(ref_names, 0.0)
         noise = dict.fromkeys(ref_names, 0.0)
+        own_noise = dict.fromkeys(ref_names, 0.0)
         skipped: set[str] = set()
         runs = 0
         for feeds in batches:
             if runs >= max_batches:
                 break
-            ref_vals = ref_session.run(ref_names, {k: feeds[k] for k in ref_inputs})
+            ref_vals = dict(zip(ref_names, ref_session.run(ref_names, {k: feeds[k] for k in ref_inputs}), strict=True))
             cand_vals = cand_session.run(cand_names, {k: feeds[k] for k in cand_inputs})
-            for name, r, c in zip(ref_names, ref_vals, cand_vals, strict=True):
-                if r.shape != c.shape:
+            exact = {k: feeds[k] for k in cand_inputs}
+            for ref_name, cand_name in pairs.items():
+                if cand_name in iso_feeds:
+                    dtype = ORT_DTYPES.get(iso_types[iso_feeds[cand_name]], ref_vals[ref_name].dtype)
+                    exact[iso_feeds[cand_name]] = ref_vals[ref_name].astype(dtype, copy=False)
+            try:
+                iso_vals = iso_session.run(cand_names, exact)
+            except Exception as exc:  # a shape the candidate cannot take from the reference
+                raise InputError(f"localization could not feed the reference's values to the candidate: {exc}") from exc
+            for name, c, ci in zip(ref_names, cand_vals, iso_vals, strict=True):
+                r = ref_vals[name]
+                if r.shape != c.shape or r.shape != ci.shape:
                     skipped.add(name)
                     continue
                 r64 = r.astype(np.float64, copy=False)
-                d = r64 - c.astype(np.float64, copy=False)
                 signal[name] += float(np.square(r64).sum())
-                noise[name] += float(np.square(d).sum())
+                noise[name] += float(np.square(r64 - c.astype(np.float64, copy=False)).sum())
+                own_noise[name] += float(np.square(r64 - ci.astype(np.float64, copy=False)).sum())
             runs += 1
         if runs == 0:
             raise InputError("localization needs at least one input batch")
@@ -281,15 +343,18 @@ def localize(
                 continue
             upstream = _upstream_shared(node, shared, cache)
             sqnr_in = min((MAX_SQNR_DB if u == "<input>" else sqnr[u] for u in upstream), default=MAX_SQNR_DB)
+            own = sqnr_db(signal[value.name], own_noise[value.name])
             producer = cand_values[pairs[value.name]].producer()
             table.append(NodeError(
                 node=node.name or "", op_type=node.op_type, output=value.name,
                 candidate_node=(producer.name or "") if producer else "",
                 candidate_op_type=producer.op_type if producer else "",
                 sqnr_in_db=round(sqnr_in, 4), sqnr_out_db=round(sqnr[value.name], 4),
-                added_db=round(sqnr_in - sqnr[value.name], 4), rel_l2_error=rel[value.name],
+                drop_db=round(sqnr_in - sqnr[value.name], 4),
+                added_error=0.0 if own >= MAX_SQNR_DB else 10.0 ** (-own / 10.0),
+                node_sqnr_db=round(own, 4), rel_l2_error=rel[value.name],
             ))
-    table.sort(key=lambda e: e.added_db, reverse=True)
+    table.sort(key=lambda e: e.added_error, reverse=True)
     logger.info("localized %d nodes over %d batches; worst: %s", len(table), runs,
-                f"{table[0].node} ({table[0].op_type}, +{table[0].added_db:.1f} dB)" if table else "none")
+                f"{table[0].node} ({table[0].op_type}, own SQNR {table[0].node_sqnr_db:.1f} dB)" if table else "none")
     return table[:top] if top is not None else table

@@ -226,10 +226,10 @@ class ValidationReport:
         model_rows.append(ratio)
         parts.append(format_table(model_rows))
         if self.localization:
-            loc = [["node", "op", "output", "SQNR in dB", "SQNR out dB", "added dB"]]
+            loc = [["node", "op", "output", "SQNR in dB", "SQNR out dB", "node SQNR dB", "added NSR"]]
             for e in self.localization[:localization_rows]:
                 loc.append([e.node or "<unnamed>", e.op_type, e.output, f"{e.sqnr_in_db:.1f}",
-                            f"{e.sqnr_out_db:.1f}", f"{e.added_db:.1f}"])
+                            f"{e.sqnr_out_db:.1f}", f"{e.node_sqnr_db:.1f}", f"{e.added_error:.3g}"])
             parts.append(f"nodes adding the most error (top {min(localization_rows, len(self.localization))}"
                          f" of {len(self.localization)}):\n" + format_table(loc))
         if self.checks:

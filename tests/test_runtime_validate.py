@@ -1,0 +1,234 @@
+"""validate(), localize(), the HTML report and ``onnxpress validate``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+
+from conftest import run_ort
+from onnxpress.cli import main
+from onnxpress.errors import InputError
+from onnxpress.runtime import Tolerances, localize, validate
+from onnxpress.runtime.html_report import write_html
+
+# Four MatMul layers, each followed by an activation; the second MatMul is where the error is planted.
+MLP = """
+<ir_version: 8, opset_import: ["" : 18]>
+mlp (float[N, 16] x) => (float[N, 5] logits, float[N, 16] features)
+{
+    h1 = MatMul (x, w1)
+    a1 = Relu (h1)
+    h2 = MatMul (a1, w2)
+    a2 = Tanh (h2)
+    h3 = MatMul (a2, w3)
+    features = Relu (h3)
+    logits = MatMul (features, w4)
+}
+"""
+NODE_NAMES = {"h1": "mm1", "a1": "relu1", "h2": "mm2", "a2": "tanh2", "h3": "mm3", "features": "relu3",
+              "logits": "mm4"}
+SHAPES = {"w1": (16, 32), "w2": (32, 32), "w3": (32, 16), "w4": (16, 5)}
+
+
+def mlp(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(MLP)
+    for node in proto.graph.node:
+        node.name = NODE_NAMES[node.output[0]]
+    for name, array in weights.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def random_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {n: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for n, s in SHAPES.items()}
+
+
+def noisy(weights: dict[str, np.ndarray], rng: np.random.Generator, scale: float, planted: str | None = None,
+          planted_scale: float = 0.0) -> dict[str, np.ndarray]:
+    """Weights with relative noise everywhere (like quantization) and much more on one of them."""
+    out = {}
+    for name, w in weights.items():
+        s = planted_scale if name == planted else scale
+        out[name] = (w + rng.standard_normal(w.shape).astype(np.float32) * np.abs(w).mean() * s).astype(np.float32)
+    return out
+
+
+@pytest.fixture
+def pair(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    weights = random_weights(rng)
+    ref, cand = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    onnx.save(mlp(weights), ref)
+    onnx.save(mlp(noisy(weights, rng, 0.01)), cand)
+    return ref, cand, weights
+
+
+def test_metrics_match_numpy(pair: tuple[Path, Path, dict], tmp_path: Path, rng: np.random.Generator) -> None:
+    ref, cand, _ = pair
+    x = rng.standard_normal((150, 16)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    report = validate(ref, cand, data=tmp_path / "data.npz", batch_size=32, measure_speed=False)
+    r = run_ort(onnx.load(ref), {"x": x})
+    c = run_ort(onnx.load(cand), {"x": x})
+    for name, a, b in (("logits", r[0], c[0]), ("features", r[1], c[1])):
+        m = report.outputs[name]
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        np.testing.assert_allclose(m.max_abs_error, np.abs(a64 - b64).max(), rtol=1e-12)
+        np.testing.assert_allclose(m.mean_abs_error, np.abs(a64 - b64).mean(), rtol=1e-9)
+        np.testing.assert_allclose(m.rel_l2_error, np.linalg.norm(a64 - b64) / np.linalg.norm(a64), rtol=1e-9)
+        cos = (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
+        cos = np.where(np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1) > 0, cos, 1.0)
+        np.testing.assert_allclose(m.mean_cosine, cos.mean(), rtol=1e-9)
+        np.testing.assert_allclose(m.min_cosine, cos.min(), rtol=1e-9)
+        assert m.histogram.sum() == a.size
+    assert report.outputs["logits"].top1_agreement == pytest.approx(100 * np.mean(r[0].argmax(1) == c[0].argmax(1)))
+    assert report.outputs["features"].top1_agreement is None  # features, not class scores
+    assert report.samples == 150 and report.data.endswith("data.npz")
+    assert report.reference.size_bytes == ref.stat().st_size
+
+
+def test_accuracy_from_labels_and_failing_verdict(pair: tuple[Path, Path, dict], tmp_path: Path,
+                                                    rng: np.random.Generator) -> None:
+    ref, _, weights = pair
+    bad = tmp_path / "bad.onnx"
+    onnx.save(mlp(noisy(weights, rng, 0.0, planted="w4", planted_scale=3.0)), bad)
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    labels = run_ort(onnx.load(ref), {"x": x})[0].argmax(1)
+    labels[:40] = (labels[:40] + 1) % 5  # the reference gets 80 % right
+    np.save(tmp_path / "labels.npy", labels)
+    np.savez(tmp_path / "data.npz", x=x)
+    bad_pred = run_ort(onnx.load(bad), {"x": x})[0].argmax(1)
+    report = validate(ref, bad, data=tmp_path / "data.npz", labels=tmp_path / "labels.npy", batch_size=64,
+                      measure_speed=False, tolerances=Tolerances(min_cosine=None, max_accuracy_drop=0.5))
+    assert report.reference.accuracy == pytest.approx(80.0)
+    assert report.candidate.accuracy == pytest.approx(100 * np.mean(bad_pred == labels))
+    assert report.accuracy_drop > 0.5 and not report.passed
+    assert [c.name for c in report.checks if not c.passed] == ["accuracy drop (points) <="]
+    # the same through the CLI: exit status 4, and the JSON report says why
+    status = main(["validate", str(ref), str(bad), "--data", str(tmp_path / "data.npz"), "--labels",
+                   str(tmp_path / "labels.npy"), "--max-accuracy-drop", "0.5", "--min-cosine", "none",
+                   "--no-speed", "--no-progress", "--report", str(tmp_path / "r.json")])
+    assert status == 4
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["verdict"] == "fail" and data["accuracy"]["reference"] == pytest.approx(80.0)
+    with pytest.raises(InputError, match="150 labels for 200 samples"):
+        validate(ref, bad, data=tmp_path / "data.npz", labels=labels[:150], measure_speed=False)
+
+
+def test_random_inputs_warn_and_need_dims(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[batch, seq] x, int64[batch, seq] mask) => (float[batch, seq] y)
+    { m = Cast<to = 1>(mask)
+      y = Mul(x, m) }
+    """)
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    with pytest.raises(InputError, match=r"dimension 'seq' has no size.*--dim seq=VALUE"):
+        validate(path, path, measure_speed=False)
+    report = validate(path, path, dims={"seq": 7}, samples=20, batch_size=8)
+    assert report.passed and report.samples == 20
+    assert any("random inputs are a weak signal" in w for w in report.warnings)
+    assert report.outputs["y"].max_abs_error == 0.0
+    assert report.speedup is not None and report.reference.samples_per_second > 0
+    assert main(["validate", str(path), str(path), "--dim", "seq=5", "--samples", "10", "--no-progress",
+                 "--no-speed"]) == 0
+
+
+def test_localize_ranks_the_planted_node_first(pair: tuple[Path, Path, dict], tmp_path: Path,
+                                                rng: np.random.Generator) -> None:
+    ref, _, weights = pair
+    bad = tmp_path / "planted.onnx"
+    onnx.save(mlp(noisy(weights, rng, 0.002, planted="w2", planted_scale=0.3)), bad)
+    batches = [{"x": rng.standard_normal((32, 16)).astype(np.float32)} for _ in range(3)]
+    table = localize(ref, bad, batches)
+    assert table[0].node == "mm2" and table[0].op_type == "MatMul" and table[0].output == "h2"
+    assert table[0].added_error > 10 * table[1].added_error
+    assert table[0].node_sqnr_db < table[1].node_sqnr_db - 10
+    assert {e.node for e in table} == {"mm1", "relu1", "mm2", "tanh2", "mm3", "relu3", "mm4"}
+    assert len(localize(ref, bad, batches, top=3)) == 3
+
+
+def test_localize_maps_renamed_values_and_refuses_unrelated_graphs(pair: tuple[Path, Path, dict], tmp_path: Path,
+                                                                    rng: np.random.Generator) -> None:
+    ref, _, weights = pair
+    proto = mlp(noisy(weights, rng, 0.0, planted="w3", planted_scale=0.5))
+    renames = {"h3": "renamed_h3", "h2": "renamed_h2"}
+    for node in proto.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    cand = tmp_path / "renamed.onnx"
+    onnx.save(proto, cand)
+    batches = [{"x": rng.standard_normal((16, 16)).astype(np.float32)}]
+    table = localize(ref, cand, batches, value_map=renames)
+    assert table[0].node == "mm3" and table[0].output == "h3"
+    other = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, 16] x) => (float[N, 16] q) { q = Neg(x) }
+    """)
+    onnx.save(other, tmp_path / "other.onnx")
+    with pytest.raises(InputError, match="share no intermediate value"):
+        localize(ref, tmp_path / "other.onnx", batches)
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.ids: set[str] = set()
+        self.external: list[str] = []
+        self.rects = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        attributes = dict(attrs)
+        if attributes.get("id"):
+            self.ids.add(attributes["id"])
+        if tag == "rect":
+            self.rects += 1
+        for key in ("src", "href"):
+            if attributes.get(key):
+                self.external.append(attributes[key])
+
+
+def test_html_report_is_self_contained(pair: tuple[Path, Path, dict], tmp_path: Path, rng: np.random.Generator) -> None:
+    ref, cand, _ = pair
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((64, 16)).astype(np.float32))
+    assert main(["validate", str(ref), str(cand), "--data", str(tmp_path / "data.npz"), "--localize",
+                 "--html", str(tmp_path / "r.html"), "--report", str(tmp_path / "r.json"),
+                 "--no-progress"]) in (0, 4)
+    text = (tmp_path / "r.html").read_text()
+    parser = _Collector()
+    parser.feed(text)
+    parser.close()
+    assert parser.tags[0] == "html" and not parser.external
+    assert {"checks", "outputs", "models", "localization"} <= parser.ids
+    assert parser.tags.count("svg") == 4  # two histograms, size bars, throughput bars
+    assert parser.rects >= 6
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["localization"]) == 7
+    assert all(row["node"] in text for row in report["localization"])
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium:
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                              (tmp_path / "r.html").as_uri()], capture_output=True, text=True, timeout=60)
+        assert dom.returncode == 0 and "localization" in dom.stdout
+
+
+def test_recipe_tolerances(pair: tuple[Path, Path, dict], tmp_path: Path, rng: np.random.Generator) -> None:
+    ref, cand, _ = pair
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((40, 16)).astype(np.float32))
+    (tmp_path / "strict.yaml").write_text("steps: [prune-dead]\nvalidate:\n  max_abs_error: 0.0\n")
+    args = ["validate", str(ref), str(cand), "--data", str(tmp_path / "data.npz"), "--no-speed", "--no-progress"]
+    assert main([*args, "--recipe", str(tmp_path / "strict.yaml")]) == 4
+    assert main([*args, "--recipe", str(tmp_path / "strict.yaml"), "--max-abs-error", "1e3"]) == 0
+    (tmp_path / "typo.yaml").write_text("steps: [prune-dead]\nvalidate:\n  min_cosin: 0.9\n")
+    assert main([*args, "--recipe", str(tmp_path / "typo.yaml")]) == 2
