@@ -55,7 +55,14 @@ class OutputFidelity:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON values; infinities and NaN (a failed comparison) become None."""
+        return {k: _finite(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 @dataclasses.dataclass
@@ -138,9 +145,9 @@ class FidelityRecord:
             "min_cosine": self.min_cosine,
             "inputs": self.inputs,
             "batch_sizes": self.batch_sizes,
-            "max_abs_error": self.worst_max_abs_error,
-            "rel_l2_error": self.worst_rel_l2_error,
-            "cosine": self.min_cosine_seen,
+            "max_abs_error": _finite(self.worst_max_abs_error),
+            "rel_l2_error": _finite(self.worst_rel_l2_error),
+            "cosine": _finite(self.min_cosine_seen),
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
@@ -253,7 +260,16 @@ def check_fidelity(
         batch_size = int(next(iter(feeds.values())).shape[0]) if feeds and next(
             iter(feeds.values())).ndim else 1
         expected = [np.asarray(r) for r in reference(dict(batch))]
-        actual = session.run(None, feeds)
+        try:
+            actual = session.run(None, feeds)
+        except Exception as exc:  # onnxruntime raises its own types
+            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+            for name in output_names:
+                record.outputs.append(OutputFidelity(
+                    name, batch_size, [], "", float("inf"), float("inf"), float("nan"), 0, 0,
+                    False, f"onnxruntime failed on inputs {shapes}: {str(exc).strip()[:300]}",
+                ))
+            continue
         if len(expected) != len(actual):
             raise InputError(
                 f"the framework model returned {len(expected)} output(s) but the ONNX model "

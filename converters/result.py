@@ -8,6 +8,7 @@ import io
 import logging
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,52 @@ def captured_stdout(label: str) -> Iterator[io.StringIO]:
         text = buffer.getvalue().strip()
         if text:
             logger.debug("%s printed:\n%s", label, text)
+
+
+@contextlib.contextmanager
+def quiet_framework_logs() -> Iterator[None]:
+    """Keeps exporters' Python warnings and chatty loggers out of the user's terminal.
+
+    Warnings go to the debug log; the torch and tf2onnx loggers are raised to ERROR meanwhile.
+    """
+    names = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "tf2onnx", "tensorflow")
+    saved = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in saved.items():
+                logging.getLogger(name).setLevel(level)
+            for warning in caught:
+                logger.debug("exporter warning: %s", warning.message)
+
+
+def default_output_names(count: int) -> list[str]:
+    """``output`` for one output, ``output_0``, ``output_1``... for several."""
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def fix_output_shapes(model: ir.Model, observed: list[list[int]]) -> None:
+    """Makes output dims symbolic where the exporter declared a size the check did not see.
+
+    Exporters sometimes declare a dynamic dimension of an output with the example's size
+    (torch's LSTM does for the sequence axis); onnxruntime then warns on every run.
+    """
+    for value, shape in zip(model.graph.outputs, observed, strict=False):
+        if value.shape is None or len(value.shape) != len(shape):
+            continue
+        dims = list(value.shape)
+        changed = False
+        for axis, (declared, seen) in enumerate(zip(dims, shape, strict=True)):
+            if isinstance(declared, int) and declared != seen:
+                dims[axis] = ir.SymbolicDim(f"{value.name}_dim{axis}")
+                changed = True
+        if changed:
+            logger.info("Output '%s' declared shape %s; made the varying dims symbolic", value.name, value.shape)
+            value.shape = ir.Shape(dims)
 
 
 _OP_PATTERNS = (

@@ -42,10 +42,13 @@ from onnxpress.converters.result import (
     ConversionError,
     ConversionResult,
     captured_stdout,
+    default_output_names,
     describe_value,
+    fix_output_shapes,
     find_op_name,
     first_lines,
     model_opset,
+    quiet_framework_logs,
     saved_for_session,
 )
 from onnxpress.converters.specs import (
@@ -141,7 +144,14 @@ def from_torch(
 
     example = _export_example(specs, data, example_inputs, seed)
     args, kwargs = _to_torch_args(specs, example, by_name)
-    _dry_run(module, args, kwargs, specs, signature)
+    n_outputs = _dry_run(module, args, kwargs, specs, signature)
+    if not output_names:
+        output_names = default_output_names(n_outputs)
+    elif len(output_names) != n_outputs:
+        raise InputError(
+            f"{len(output_names)} output name(s) given ({', '.join(output_names)}) but the "
+            f"model returns {n_outputs} tensor(s)"
+        )
 
     names = [s.name for s in specs]
     onnx_model, used, note = _export(
@@ -154,8 +164,10 @@ def from_torch(
         batches = batches_from_data(data, sizes)
         source = "data"
     else:
-        batches = [generate_inputs(specs, b, seed) for b in sizes]
-        source = f"generated, seed {seed}"
+        batches = [generate_inputs(specs, b, seed, vary=i > 0) for i, b in enumerate(sizes)]
+        source = f"generated, seed {seed}" + (
+            "; dynamic dims shrunk at the larger batch" if len(sizes) > 1 else ""
+        )
 
     def reference(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         call_args, call_kwargs = _to_torch_args(specs, feeds, by_name)
@@ -169,7 +181,9 @@ def from_torch(
             reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
             inputs=source,
         )
+        observed = [list(o.shape) for o in record.outputs if o.batch_size == max(record.batch_sizes)]
         del session
+    fix_output_shapes(onnx_model, observed)
     result = ConversionResult(
         model=onnx_model,
         fidelity=record,
@@ -395,13 +409,13 @@ def _to_torch_args(
 
 
 def _dry_run(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-             specs: list[InputSpec], signature: _Signature) -> None:
-    """Runs the module once so that inputs that do not fit fail with a clear message."""
+             specs: list[InputSpec], signature: _Signature) -> int:
+    """Runs the module once so inputs that do not fit fail clearly; returns the output count."""
     import torch
 
     try:
         with torch.no_grad():
-            module(*args, **kwargs)
+            return len(_flatten_outputs(module(*args, **kwargs)))
     except Exception as exc:
         described = ", ".join(str(s) for s in specs)
         raise InputError(
@@ -455,7 +469,7 @@ def _export(
     if exporter in ("auto", "dynamo"):
         try:
             model = _export_dynamo(target, args, kwargs, specs, names, output_names, opset, by_name)
-            return model, "torch.onnx dynamo", "the dynamo exporter (torch.export) succeeded"
+            return model, "torch.onnx dynamo", "the dynamo exporter (torch.export) succeeded, so the TorchScript fallback was not needed"
         except Exception as exc:  # the exporter raises many types
             dynamo_error = exc
             if exporter == "dynamo":
@@ -520,7 +534,7 @@ def _export_dynamo(
         dynamic_shapes = None
     if isinstance(target, torch.export.ExportedProgram):
         dynamic_shapes = None
-    with captured_stdout("torch.onnx dynamo"):
+    with captured_stdout("torch.onnx dynamo"), quiet_framework_logs():
         program = torch.onnx.export(
             target,
             args,
@@ -570,7 +584,7 @@ def _export_torchscript(
     }
     with tempfile.TemporaryDirectory(prefix="onnxpress-ts-") as tmp:
         path = Path(tmp) / "model.onnx"
-        with captured_stdout("torch.onnx torchscript"), contextlib.redirect_stderr(_Sink()):
+        with captured_stdout("torch.onnx torchscript"), quiet_framework_logs():
             torch.onnx.export(
                 module,
                 args,
@@ -583,18 +597,6 @@ def _export_torchscript(
             )
         proto = onnx.load(str(path), load_external_data=True)
     return ir.from_proto(proto)
-
-
-class _Sink:
-    """A stderr stand-in that sends what it gets to the debug log."""
-
-    def write(self, text: str) -> int:
-        if text.strip():
-            logger.debug("torchscript exporter: %s", text.rstrip())
-        return len(text)
-
-    def flush(self) -> None:
-        pass
 
 
 def _name_dims(model: ir.Model, specs: list[InputSpec]) -> None:
