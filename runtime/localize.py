@@ -28,10 +28,12 @@ would mislead: a Relu after a noisy layer "loses" dB (it cuts signal, not noise)
 adding any error, and a slightly noisy first layer (exact inputs) "drops" more dB than a
 badly broken later one.
 
-Shared values are those with the same name in both graphs (onnxruntime's QDQ quantizer keeps
-the float names), a candidate value ``<name>_dequantized`` for a reference value ``<name>``,
-or a pair given in ``value_map`` (reference name to candidate name, e.g. from pass records
-that renamed values). Only floating-point tensors of the same shape are compared.
+Shared values are found, for each reference value ``<name>``, as the candidate's
+``<name>_DequantizeLinear_Output`` (onnxruntime's QDQ quantizer), ``<name>_dequantized``, or
+``<name>`` itself, in that order (the dequantized copy is what the candidate's consumers read;
+with a fused ``Conv + Relu`` the quantizer even leaves the plain name on the pre-activation
+value), or as given in ``value_map`` (reference name to candidate name, e.g. from pass
+records that renamed values). Only floating-point tensors of the same shape are compared.
 
 Library use (the quantizer's ``--auto-exclude``)::
 
@@ -63,6 +65,11 @@ from onnxpress.sessions import load_session
 
 logger = logging.getLogger(__name__)
 
+def DEQUANTIZED_NAMES(name: str) -> tuple[str, ...]:  # noqa: N802 - reads as a table
+    """Candidate names for a reference value, most specific first (onnxruntime's QDQ naming, then the name)."""
+    return (f"{name}_DequantizeLinear_Output", f"{name}_dequantized", name)
+
+
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
 
@@ -83,6 +90,10 @@ class NodeError:
             (``10**(-node_sqnr_db/10)``); the ranking key.
         node_sqnr_db: The node's own SQNR (exact inputs), dB (capped at 200).
         rel_l2_error: ``||r - c|| / ||r||`` of the output in the normal (propagated) run.
+        span: Every reference node between the nearest shared values upstream and this
+            output, in graph order, ending with ``node``: when the candidate fused or renamed
+            intermediates (``Conv + Relu``), the error belongs to all of them, and a quantizer
+            that keeps the node out should keep out the span.
     """
 
     node: str
@@ -96,6 +107,7 @@ class NodeError:
     added_error: float
     node_sqnr_db: float
     rel_l2_error: float
+    span: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,10 +155,9 @@ def shared_values(
             continue
         target = (value_map or {}).get(name)
         if target is None:
-            if name in cand_values:
-                target = name
-            elif f"{name}_dequantized" in cand_values:
-                target = f"{name}_dequantized"
+            # The dequantized copy is what the candidate's consumers read; a quantizer may even
+            # keep the plain name on a value computed before a fused activation.
+            target = next((t for t in DEQUANTIZED_NAMES(name) if t in cand_values), None)
         other = cand_values.get(target) if target else None
         if other is None or other.is_graph_input() or not _is_comparable(other):
             continue
@@ -220,6 +231,27 @@ def _isolated_session(model: ir.Model, names: list[str], workdir: Path) -> tuple
     return session, feeds
 
 
+def _span(node: ir.Node, shared: set[str]) -> tuple[str, ...]:
+    """Names of ``node`` and the nodes above it that compute values no shared value covers."""
+    found: list[ir.Node] = []
+    stack = [node]
+    seen: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        found.append(current)
+        for value in current.inputs:
+            if value is None or value.name in shared or value.is_graph_input() or constant_value(value) is not None:
+                continue
+            producer = value.producer()
+            if producer is not None and producer.graph is node.graph:
+                stack.append(producer)
+    order = {id(n): i for i, n in enumerate(node.graph)} if node.graph is not None else {}
+    return tuple(n.name or n.op_type for n in sorted(found, key=lambda n: order.get(id(n), 0)))
+
+
 def _upstream_shared(node: ir.Node, shared: set[str], cache: dict[str, list[str]]) -> list[str]:
     """For each non-constant input of ``node``: itself when shared, else the nearest shared values above it."""
     found: list[str] = []
@@ -281,8 +313,8 @@ def localize(
     pairs = shared_values(ref_model, cand_model, value_map)
     if not pairs:
         raise InputError(
-            "the reference and the candidate share no intermediate value (same name, '<name>_dequantized', "
-            "or value_map); cannot localize the error"
+            "the reference and the candidate share no intermediate value (same name, '<name>_DequantizeLinear_Output', "
+            "'<name>_dequantized', or value_map); cannot localize the error"
         )
     workdir = Path(tempfile.mkdtemp(prefix="onnxpress-localize-"))
     try:
@@ -352,7 +384,7 @@ def localize(
                 sqnr_in_db=round(sqnr_in, 4), sqnr_out_db=round(sqnr[value.name], 4),
                 drop_db=round(sqnr_in - sqnr[value.name], 4),
                 added_error=0.0 if own >= MAX_SQNR_DB else 10.0 ** (-own / 10.0),
-                node_sqnr_db=round(own, 4), rel_l2_error=rel[value.name],
+                node_sqnr_db=round(own, 4), rel_l2_error=rel[value.name], span=_span(node, shared),
             ))
     table.sort(key=lambda e: e.added_error, reverse=True)
     logger.info("localized %d nodes over %d batches; worst: %s", len(table), runs,

@@ -232,3 +232,29 @@ def test_recipe_tolerances(pair: tuple[Path, Path, dict], tmp_path: Path, rng: n
     assert main([*args, "--recipe", str(tmp_path / "strict.yaml"), "--max-abs-error", "1e3"]) == 0
     (tmp_path / "typo.yaml").write_text("steps: [prune-dead]\nvalidate:\n  min_cosin: 0.9\n")
     assert main([*args, "--recipe", str(tmp_path / "typo.yaml")]) == 2
+
+
+def test_localize_follows_onnxruntime_qdq_names(pair: tuple[Path, Path, dict], tmp_path: Path,
+                                                rng: np.random.Generator) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    ref, _, _ = pair
+    calib = [{"x": rng.standard_normal((16, 16)).astype(np.float32)} for _ in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calib)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    qdq = tmp_path / "qdq.onnx"
+    quantize_static(str(ref), str(qdq), Reader(), quant_format=QuantFormat.QDQ, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8)
+    table = localize(ref, qdq, calib[:2])
+    by_output = {e.output: e for e in table}
+    assert {"h2", "logits"} <= set(by_output)
+    assert all(e.candidate_op_type == "DequantizeLinear" for e in table)
+    assert all(e.node in e.span and 0.0 < e.added_error < 1.0 for e in table)
+    # the MatMul followed by Relu may be fused by the quantizer: the row of the Relu covers both
+    assert all(set(e.span) <= set(NODE_NAMES.values()) for e in table)
