@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from onnxpress import __version__
 from onnxpress.errors import InputError
 from onnxpress.model_io import load_model, save_model
+from onnxpress.packing import pack
 from onnxpress.pipeline import Pipeline, StepRecord
 from onnxpress.recipes import apply_overrides, load_preset, load_recipe
 from onnxpress.report import model_file_bytes, steps_table, summary_table, write_json
@@ -40,6 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--external-data", action="store_true",
         help="write the constants to OUT.data (automatic above 1.5 GB)",
     )
+    parser.add_argument(
+        "--pack", action="store_true",
+        help="last step: also pack the result into OUT with suffix .onnxz (see `onnxpress pack`); "
+        "implied when OUT ends in .onnxz, which then writes only the packed file",
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return parser
 
@@ -49,8 +56,11 @@ def run(args: argparse.Namespace) -> int:
     apply_overrides(recipe, args.overrides)
     pipeline = Pipeline.from_recipe(recipe)
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise InputError(f"{out}: the output already exists; pass --force to replace it")
+    packed_only = out.suffix == ".onnxz"
+    packed = out if packed_only else out.with_suffix(".onnxz") if args.pack else None
+    for target in (out, packed):
+        if target is not None and target.exists() and not args.force:
+            raise InputError(f"{target}: the output already exists; pass --force to replace it")
     model = load_model(args.model)
     pipeline.preflight(model)
     before = model_stats(model)
@@ -68,13 +78,24 @@ def run(args: argparse.Namespace) -> int:
         records = pipeline.run(model, on_step=on_step)
     finally:
         bar.close()
-    save_model(model, out, force=args.force, external_data=args.external_data or None, source=args.model)
+    pack_report = None
+    if packed_only:  # the .onnx exists only in a temporary folder beside OUT
+        with tempfile.TemporaryDirectory(prefix=".onnxpress-", dir=out.parent) as tmp:
+            plain = Path(tmp) / (out.stem + ".onnx")
+            save_model(model, plain, external_data=args.external_data or None)
+            pack_report = pack(plain, out, force=args.force)
+    else:
+        save_model(model, out, force=args.force, external_data=args.external_data or None, source=args.model)
+        if packed is not None:
+            pack_report = pack(out, packed, force=args.force)
     seconds = time.perf_counter() - start
     after = model_stats(model)
-    file_after = model_file_bytes(out, load_model(out))
+    file_after = pack_report.packed_bytes if packed_only else model_file_bytes(out, load_model(out))
     print(steps_table(records))
     print()
     print(summary_table(before, after, file_before, file_after))
+    if pack_report is not None and not packed_only:
+        print(f"\npacked {packed}: {pack_report.packed_bytes} bytes ({pack_report.ratio:.2f}x smaller than {out})")
     print(f"\nwrote {out} in {seconds:.2f}s")
     if args.report:
         write_json(args.report, {
@@ -87,5 +108,6 @@ def run(args: argparse.Namespace) -> int:
             "before": before.to_dict() | {"file_bytes": file_before},
             "after": after.to_dict() | {"file_bytes": file_after},
             "seconds": round(seconds, 3),
-        })
+        } | ({"packed": {"output": str(pack_report.output), "file_bytes": pack_report.packed_bytes,
+                         "codecs": pack_report.codecs}} if pack_report else {}))
     return 0
