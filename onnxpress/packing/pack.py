@@ -53,6 +53,7 @@ from onnxpress.packing.format import (
     external_info,
     is_safe_file_name,
     iter_tensor_protos,
+    publish,
     tensor_member,
 )
 
@@ -406,6 +407,6 @@ def _write(output: Path, manifest: Manifest, graph: bytes, streams: dict[str, by
             for name in sorted(streams):
                 info = zipfile.ZipInfo(name, ZIP_DATE_TIME)
                 archive.writestr(info, streams[name])
-        os.replace(tmp, output)
+        publish(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)

@@ -54,6 +54,7 @@ from onnxpress.packing.format import (
     iter_tensor_protos,
     marker_index,
     pop_marker,
+    publish,
 )
 from onnxpress.packing.limits import DEFAULT_LIMITS, Limits
 
@@ -550,7 +551,7 @@ def unpack(
                 handle.write(data)
             tmp_files[output] = Path(name)
             for target, tmp in tmp_files.items():
-                os.replace(tmp, target)
+                publish(tmp, target)
         finally:
             for tmp in tmp_files.values():
                 tmp.unlink(missing_ok=True)
