@@ -140,7 +140,7 @@ def decode_frame(frame: bytes | memoryview, size: int) -> bytes:
     if declared != size:
         raise CodecError(f"zstd frame declares {declared} bytes, expected {size}")
     try:
-        out = _decompressor().decompress(frame, max_output_size=size)
+        out = _decompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt zstd frame: {exc}") from exc
     if len(out) != size:
