@@ -6,11 +6,15 @@ read before it is asked for, so a file larger than memory runs in the memory of 
 
 How each format is read without loading it whole:
 
-* ``.npy``: ``numpy.load(mmap_mode="r")``; a slice touches only its pages.
+* ``.npy``: the header gives dtype, shape and the data offset; a slice of rows is one
+  positioned read (``pread``) into a fresh buffer. Not ``numpy.load(mmap_mode="r")``: the
+  pages a memory map has touched stay resident in the process, so its memory would grow to
+  the whole file over a run.
 * ``.npz`` whose members are *stored* (``numpy.savez``): a zip member that is stored is one
-  contiguous run of bytes, so each member is memory-mapped at its offset inside the archive
-  (the local file header gives the offset; the ``.npy`` header inside gives dtype, shape and
-  order). ``numpy.load`` cannot do this: it copies every member it is asked for into memory.
+  contiguous run of bytes, so each member is read the same way at its offset inside the
+  archive (the local file header gives the offset; the ``.npy`` header inside gives dtype,
+  shape and order). ``numpy.load`` cannot do this: it copies every member it is asked for
+  into memory.
 * ``.npz`` whose members are *deflated* (``numpy.savez_compressed``): each member is a
   decompressing stream read forward; rows are read batch by batch and never kept. Reading
   backwards (which batch iteration never does) reopens the stream.
@@ -77,18 +81,71 @@ def _check_rows(path: Path, arrays: dict[str, tuple[int, ...]]) -> int:
     return int(distinct[0])
 
 
+class _RowFile:
+    """A C-ordered array stored contiguously in a file at ``offset``, read by rows with ``pread``.
+
+    Positioned reads copy just the rows asked for into a fresh buffer, so the process's
+    resident memory stays at a batch; slicing a memory map instead leaves every page it
+    touched mapped into the process (resident file pages grow to the whole input). Fortran-
+    ordered arrays, whose rows are not contiguous, are read through a memory map.
+    """
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> None:
+        self.path = path
+        self.offset = offset
+        self.dtype = dtype
+        self.shape = shape
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self._fd = os.open(path, os.O_RDONLY)
+        self._map = (np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
+                     if fortran and len(shape) > 1 and all(shape) else None)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._map is not None:
+            return np.ascontiguousarray(self._map[start:stop])
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+        position = self.offset + start * self.row_bytes
+        done = 0
+        while done < len(view):
+            count = os.preadv(self._fd, [view[done:]], position + done)
+            if count <= 0:
+                raise InputError(f"{self.path}: ends early (truncated?)")
+            done += count
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._map = None
+
+
+def _check_size(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...], limit: int, what: str) -> None:
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if need > limit:
+        raise InputError(f"{path}: {what} needs {need} bytes but has {limit} (truncated?)")
+
+
 class NpySource:
-    """A single ``.npy`` file, memory-mapped; its one array is named by ``name``."""
+    """A single ``.npy`` file read by rows; its one array is named by ``name``."""
 
     def __init__(self, path: Path, name: str = "") -> None:
         self.path = path
         try:
-            self._array = np.load(path, mmap_mode="r", allow_pickle=False)
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                shape, fortran, dtype = _read_header(f, version)
+                offset = f.tell()
         except (ValueError, OSError) as exc:
             raise InputError(f"{path}: not a readable .npy file: {exc}") from exc
+        if dtype.hasobject:
+            raise InputError(f"{path}: holds Python objects; only numeric arrays are read")
+        _check_size(path, offset, dtype, tuple(shape), path.stat().st_size, "the array")
+        self._rows = _RowFile(path, offset, dtype, tuple(shape), fortran)
         self.name = name
-        self.num_rows = _check_rows(path, {name: self._array.shape})
-        self.specs = {name: ArraySpec(self._array.dtype, tuple(self._array.shape[1:]))}
+        self.num_rows = _check_rows(path, {name: tuple(shape)})
+        self.specs = {name: ArraySpec(dtype, tuple(shape[1:]))}
 
     def rename(self, name: str) -> None:
         """Names the single array (a ``.npy`` file carries no name; the model's input gives it)."""
@@ -96,10 +153,10 @@ class NpySource:
         self.name = name
 
     def read(self, start: int, stop: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        return {self.name: np.ascontiguousarray(self._array[start:stop])}
+        return {self.name: self._rows.read(start, stop)}
 
     def close(self) -> None:
-        self._array = None  # type: ignore[assignment]
+        self._rows.close()
 
 
 class _StreamedMember:
@@ -141,12 +198,16 @@ class _StreamedMember:
             if not chunk:
                 raise InputError(f"member {self._info.filename!r} ends early (truncated archive?)")
             skip -= len(chunk)
-        count = stop - start
-        data = self._stream.read(count * self._row_bytes)
-        if len(data) != count * self._row_bytes:
-            raise InputError(f"member {self._info.filename!r} ends early (truncated archive?)")
+        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(bytearray())
+        done = 0
+        while done < len(view):
+            count = self._stream.readinto(view[done:])  # type: ignore[attr-defined]
+            if not count:
+                raise InputError(f"member {self._info.filename!r} ends early (truncated archive?)")
+            done += count
         self._position = stop
-        return np.frombuffer(data, dtype=self.dtype).reshape((count, *self.shape[1:]))
+        return out
 
     def close(self) -> None:
         if self._stream is not None:
@@ -161,8 +222,8 @@ def _read_header(stream: IO[bytes], version: tuple[int, int]) -> tuple[tuple[int
     return np.lib.format.read_array_header_2_0(stream)
 
 
-def _map_stored_member(path: Path, handle: IO[bytes], info: zipfile.ZipInfo) -> np.ndarray:
-    """Memory-maps a stored (uncompressed) ``.npy`` member of a zip archive."""
+def _stored_member(path: Path, handle: IO[bytes], info: zipfile.ZipInfo) -> _RowFile:
+    """Locates a stored (uncompressed) ``.npy`` member of a zip archive, to be read by rows."""
     handle.seek(info.header_offset)
     header = handle.read(30)
     if header[:4] != b"PK\x03\x04":
@@ -175,18 +236,13 @@ def _map_stored_member(path: Path, handle: IO[bytes], info: zipfile.ZipInfo) -> 
     shape, fortran, dtype = _read_header(handle, version)
     if dtype.hasobject:
         raise InputError(f"{path}: member {info.filename!r} holds Python objects; only numeric arrays are read")
-    array_offset = handle.tell()
-    count = int(np.prod(shape, dtype=np.int64))
-    if array_offset + count * dtype.itemsize > data_offset + info.file_size:
-        raise InputError(f"{path}: member {info.filename!r} is shorter than its header says (truncated?)")
-    if count == 0:
-        return np.empty(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=array_offset, shape=tuple(shape),
-                     order="F" if fortran else "C")
+    offset = handle.tell()
+    _check_size(path, offset, dtype, tuple(shape), data_offset + info.file_size, f"member {info.filename!r}")
+    return _RowFile(path, offset, dtype, tuple(shape), fortran)
 
 
 class NpzSource:
-    """An ``.npz`` archive: stored members memory-mapped, deflated members streamed."""
+    """An ``.npz`` archive: stored members read in place by rows, deflated members streamed."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -195,7 +251,7 @@ class NpzSource:
         except (zipfile.BadZipFile, OSError) as exc:
             raise InputError(f"{path}: not a readable .npz archive: {exc}") from exc
         self._handle = open(path, "rb")  # noqa: SIM115 - kept open for the source's life
-        self._mapped: dict[str, np.ndarray] = {}
+        self._mapped: dict[str, _RowFile] = {}
         self._streamed: dict[str, _StreamedMember] = {}
         for info in self._archive.infolist():
             if not info.filename.endswith(".npy"):
@@ -203,7 +259,7 @@ class NpzSource:
             name = info.filename[: -len(".npy")]
             try:
                 if info.compress_type == zipfile.ZIP_STORED:
-                    self._mapped[name] = _map_stored_member(path, self._handle, info)
+                    self._mapped[name] = _stored_member(path, self._handle, info)
                 else:
                     self._streamed[name] = _StreamedMember(self._archive, info)
             except ValueError as exc:
@@ -220,7 +276,7 @@ class NpzSource:
         out = {}
         for name in names if names is not None else self.specs:
             if name in self._mapped:
-                out[name] = np.ascontiguousarray(self._mapped[name][start:stop])
+                out[name] = self._mapped[name].read(start, stop)
             else:
                 out[name] = self._streamed[name].read(start, stop)
         return out
@@ -228,6 +284,8 @@ class NpzSource:
     def close(self) -> None:
         for member in self._streamed.values():
             member.close()
+        for rows in self._mapped.values():
+            rows.close()
         self._mapped.clear()
         self._archive.close()
         self._handle.close()
@@ -314,7 +372,8 @@ def _column_to_numpy(path: Path, name: str, column: Any) -> np.ndarray:
     values = array.to_numpy(zero_copy_only=False)
     if values.dtype == object:
         raise InputError(f"{path}: column {name!r} is not numeric (type {array.type})")
-    return values.reshape((rows, *row_shape))
+    # Arrow buffers are read-only; a writable copy per row group lets callers treat every source alike.
+    return np.array(values, copy=True).reshape((rows, *row_shape))
 
 
 class FolderSource:
