@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import onnx
 import onnx_ir as ir
-from onnx_ir.passes import common as ir_common
+from onnx_ir.passes.common import _c_api_utils
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +142,31 @@ def replace_output(old: ir.Value, new: ir.Value) -> bool:
 
 
 def infer_shapes(model: ir.Model) -> None:
-    """Annotates values with onnx's inferred shapes; a model it cannot infer is left as it is."""
+    """Annotates tensor values with onnx's inferred types and shapes, in every graph and subgraph.
+
+    onnx runs without the large initializers (onnx_ir's ``call_onnx_api`` sets them aside, so
+    models over 2 GB work) and non-strict, so custom-domain ops are skipped rather than refused.
+    Only tensor types are merged back: onnx_ir's own merge turns sequence values into tensors,
+    which onnxruntime then refuses to load. A model onnx cannot infer is left as it is.
+    """
+
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+
     try:
-        ir_common.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model))
     except Exception as exc:  # onnx raises many types on graphs it cannot follow
         logger.warning("shape inference failed, no-op checks use existing shapes only: %s", exc)
+        return
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=False):
+        known = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            other = known.get(name)
+            if other is None or not isinstance(other.type, ir.TensorType):
+                continue
+            if value.type is not None and not isinstance(value.type, ir.TensorType):
+                continue
+            if value.type is None or value.dtype == other.dtype:
+                value.type = other.type
+                if other.shape is not None:
+                    value.shape = other.shape

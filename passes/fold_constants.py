@@ -154,7 +154,7 @@ class FoldConstantsPass(OnnxpressPass):
                 result = self._try_fold(node, model, kept_for_size)
                 if result is None:
                     continue
-                self._replace(graph, node, result)
+                self._replace(graph, node, result, as_initializer=(model.ir_version or 0) >= 4)
                 folded[node.op_type] += 1
         self.details = {"folded": dict(folded), "kept_for_size": kept_for_size}
         logger.info(
@@ -224,12 +224,16 @@ class FoldConstantsPass(OnnxpressPass):
         return [np.array(shape[start:end], dtype=np.int64)]
 
     @staticmethod
-    def _replace(graph: ir.Graph | ir.Function, node: ir.Node, results: list[np.ndarray]) -> None:
+    def _replace(
+        graph: ir.Graph | ir.Function, node: ir.Node, results: list[np.ndarray], *, as_initializer: bool
+    ) -> None:
+        """Puts the results in place of the node: initializers, or Constant nodes in functions
+        and before IR version 4 (when every initializer also had to be a graph input)."""
         for out, array in zip(node.outputs, results, strict=False):
             if not out.name and not out.uses():
                 continue
             tensor = ir.tensor(array, name=out.name)
-            if isinstance(graph, ir.Graph):
+            if isinstance(graph, ir.Graph) and as_initializer:
                 new = ir.Value(name=None, type=ir.TensorType(tensor.dtype), shape=tensor.shape, const_value=tensor)
                 ir.convenience.replace_all_uses_with(out, new)
                 name = out.name

@@ -38,8 +38,13 @@ def _remove_unused_subgraph_initializers(model: ir.Model) -> None:
 
 
 def _remove_initializer_inputs(model: ir.Model) -> int:
-    """Drops graph inputs of the main graph that are also initializers."""
+    """Drops graph inputs of the main graph that are also initializers (IR >= 4 only).
+
+    Before IR version 4 every initializer had to be a graph input, so those stay.
+    """
     count = 0
+    if (model.ir_version or 0) < 4:
+        return count
     for value in list(model.graph.inputs):
         if value.is_initializer():
             model.graph.inputs.remove(value)
