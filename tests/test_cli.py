@@ -155,3 +155,23 @@ def test_bad_recipe_key_exits_2(toy: Path, tmp_path: Path) -> None:
                       "--set", "fold-constants.budget=3")
     assert result.returncode == 2
     assert "steps[2].with.budget: unknown option" in result.stderr
+
+
+def test_inspect_lists_subgraphs(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "if.onnx"
+    onnx.save(parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] x, bool c) => (float[2] y)
+    {
+      y = If(c) <then_branch = t () => (float[2] ty) {
+            a = Abs(x)
+            ty = Neg(a)
+         }, else_branch = e () => (float[2] ey) {
+            ey = Neg(x)
+         }>
+    }"""), str(path))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "subgraphs: 2" in out
+    assert "subgraph <unnamed> (If).then_branch: 2 nodes" in out
+    assert "subgraph <unnamed> (If).else_branch: 1 nodes" in out

@@ -39,9 +39,13 @@ def run(args: argparse.Namespace) -> int:
         rows = [["name", "dtype", "shape"]]
         rows += [[v["name"] or "", v["dtype"] or "?", _shape(v["shape"])] for v in info[kind]]
         print(format_table(rows))
-    print(f"\nnodes: {info['nodes']} (subgraphs: {info['subgraphs']}, functions: {len(info['functions'])})")
+    print(f"\nnodes: {info['nodes']} (subgraphs: {len(info['subgraphs'])}, functions: {len(info['functions'])})")
     rows = [["op type", "count"]] + [[op, str(n)] for op, n in info["op_histogram"].items()]
     print(format_table(rows))
+    for sub in info["subgraphs"]:
+        print(f"  subgraph {sub['node']}.{sub['attribute']}: {sub['nodes']} nodes")
+    for function in info["functions"]:
+        print(f"  function {function}")
     print(f"\nconstants: {human_bytes(info['constant_bytes'])}")
     rows = [["dtype", "count", "bytes"]]
     rows += [[d, str(e["count"]), human_bytes(e["bytes"])] for d, e in info["constants"].items()]
