@@ -166,10 +166,19 @@ def save_model(
         if (tmp_dir / data_name).exists():
             os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp_model, path)
+        if not external_data:  # a sidecar left by an earlier save of this output is stale now
+            (path.parent / data_name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("Saved %s%s", path, " with external data " + data_name if external_data else "")
     return path
+
+
+def saved_size(path: str | os.PathLike[str]) -> int:
+    """Bytes on disk of a model written by :func:`save_model`: the file and its ``.data``."""
+    path = Path(path)
+    sidecar = path.parent / (path.name + ".data")
+    return path.stat().st_size + (sidecar.stat().st_size if sidecar.exists() else 0)
 
 
 def _save_inlined(model: ir.Model, path: Path) -> None:

@@ -3,7 +3,8 @@
 Initializers and ``Constant`` nodes with the same dtype, shape and bytes are merged: readers of
 a duplicate read the first copy instead. Candidates are grouped by ``(dtype, shape, nbytes)``
 and only tensors that share a group are hashed (SHA-256), so a model of large distinct weights
-is never read twice; equal hashes are confirmed byte for byte before merging.
+is never read twice; equal hashes are confirmed byte for byte before merging. Hashing and
+comparing read memory-mapped weights in place, never copying a tensor.
 
 Scoping follows ONNX: the main graph's constants are visible in every subgraph, so a subgraph
 constant equal to one of the main graph's reads that one; a function only sees its own.
@@ -32,10 +33,22 @@ class DedupConstantsConfig:
     """dedup-constants has no options."""
 
 
-def _bytes(tensor: ir.TensorProtocol) -> bytes:
+_CHUNK = 1 << 24
+
+
+def _buffer(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's bytes as uint8; for memory-mapped external data a view, not a copy."""
     if tensor.dtype == ir.DataType.STRING:
-        return b"\x00".join(len(s).to_bytes(8, "little") + s for s in tensor.string_data())
-    return tensor.tobytes()
+        data = b"".join(len(s).to_bytes(8, "little") + s for s in tensor.string_data())
+        return np.frombuffer(data, np.uint8)
+    return np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Byte equality in 16 MiB slices, so no full-size boolean array is made."""
+    return a.size == b.size and all(
+        np.array_equal(a[i : i + _CHUNK], b[i : i + _CHUNK]) for i in range(0, a.size, _CHUNK)
+    )
 
 
 def _candidates(graph: ir.Graph | ir.Function) -> list[tuple[ir.Value, ir.TensorProtocol]]:
@@ -66,7 +79,7 @@ class _Table:
     def digest(self, tensor: ir.TensorProtocol) -> str:
         ident = id(tensor)
         if ident not in self.digests:
-            self.digests[ident] = hashlib.sha256(_bytes(tensor)).hexdigest()
+            self.digests[ident] = hashlib.sha256(_buffer(tensor)).hexdigest()
         return self.digests[ident]
 
     def find(self, tensor: ir.TensorProtocol) -> ir.Value | None:
@@ -75,9 +88,7 @@ class _Table:
             return None
         digest = self.digest(tensor)
         for value, other in group:
-            if self.digest(other) == digest and np.array_equal(
-                np.frombuffer(_bytes(other), np.uint8), np.frombuffer(_bytes(tensor), np.uint8)
-            ):
+            if self.digest(other) == digest and _equal(_buffer(other), _buffer(tensor)):
                 return value
         return None
 

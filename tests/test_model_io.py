@@ -144,3 +144,17 @@ def test_large_constants_go_to_external_data_automatically(tmp_path: Path, rng, 
     save_model(load_model(src), tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").exists()
     assert (tmp_path / "big.onnx").stat().st_size < 10_000
+
+
+def test_inline_save_over_external_output_removes_the_stale_sidecar(tmp_path: Path, rng) -> None:
+    from onnxpress.model_io import saved_size
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_model_with_weight(rng), str(src))
+    out = tmp_path / "out.onnx"
+    save_model(load_model(src), out, external_data=True)
+    assert (tmp_path / "out.onnx.data").exists()
+    assert saved_size(out) == out.stat().st_size + (tmp_path / "out.onnx.data").stat().st_size
+    save_model(load_model(src), out, force=True)
+    assert not (tmp_path / "out.onnx.data").exists()
+    assert saved_size(out) == out.stat().st_size

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from onnxpress import __version__
 from onnxpress.errors import InputError
-from onnxpress.model_io import load_model, save_model
+from onnxpress.model_io import load_model, save_model, saved_size
 from onnxpress.packing import pack
 from onnxpress.pipeline import Pipeline, StepRecord
 from onnxpress.recipes import apply_overrides, load_preset, load_recipe
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             pack_report = pack(out, packed, force=args.force)
     seconds = time.perf_counter() - start
     after = model_stats(model)
-    file_after = pack_report.packed_bytes if packed_only else model_file_bytes(out, load_model(out))
+    file_after = pack_report.packed_bytes if packed_only else saved_size(out)
     print(steps_table(records))
     print()
     print(summary_table(before, after, file_before, file_after))
