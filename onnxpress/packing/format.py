@@ -321,17 +321,68 @@ def iter_tensor_protos(message: Any) -> Iterator[onnx.TensorProto]:
     """Yields every TensorProto anywhere inside a protobuf message, in field order.
 
     Covers initializers, sparse initializers, tensor attributes, subgraphs, functions and
-    training info without naming them, by walking the message's set fields.
+    training info without naming them: the message types are walked through the fields that
+    can lead to a TensorProto (worked out once per type from the descriptors), so value
+    infos, type protos and the like are skipped.
     """
-    for descriptor, value in message.ListFields():
-        if descriptor.type != descriptor.TYPE_MESSAGE:
+    for name, repeated in _tensor_paths(message.DESCRIPTOR):
+        if repeated:
+            items = getattr(message, name)
+        elif message.HasField(name):
+            items = (getattr(message, name),)
+        else:
             continue
-        items = value if descriptor.is_repeated else [value]
         for item in items:
             if isinstance(item, onnx.TensorProto):
                 yield item
             else:
                 yield from iter_tensor_protos(item)
+
+
+_PATHS: dict[str, tuple[tuple[str, bool], ...]] = {}
+
+
+def _tensor_paths(descriptor: Any) -> tuple[tuple[str, bool], ...]:
+    """The message fields of ``descriptor`` that hold or can lead to a TensorProto."""
+    cached = _PATHS.get(descriptor.full_name)
+    if cached is not None:
+        return cached
+    _PATHS[descriptor.full_name] = ()  # breaks cycles (GraphProto -> NodeProto -> ... -> GraphProto)
+    found = _reaches_tensor(descriptor)
+    paths = tuple(
+        (field.name, field.is_repeated)
+        for field in descriptor.fields
+        if field.type == field.TYPE_MESSAGE and field.message_type.full_name in found
+    )
+    _PATHS[descriptor.full_name] = paths
+    for field in descriptor.fields:
+        if field.type == field.TYPE_MESSAGE and field.message_type.full_name in found:
+            _tensor_paths(field.message_type)
+    return paths
+
+
+def _reaches_tensor(descriptor: Any) -> set[str]:
+    """Names of the message types reachable from ``descriptor`` that can hold a TensorProto."""
+    reach: dict[str, set[str]] = {}
+    stack = [descriptor]
+    while stack:
+        current = stack.pop()
+        if current.full_name in reach:
+            continue
+        reach[current.full_name] = {
+            f.message_type.full_name for f in current.fields if f.type == f.TYPE_MESSAGE
+        }
+        stack.extend(f.message_type for f in current.fields if f.type == f.TYPE_MESSAGE)
+    tensor = onnx.TensorProto.DESCRIPTOR.full_name
+    good = {tensor}
+    changed = True
+    while changed:
+        changed = False
+        for name, children in reach.items():
+            if name not in good and children & good:
+                good.add(name)
+                changed = True
+    return good
 
 
 def marker_index(tensor: onnx.TensorProto) -> int | None:
