@@ -98,6 +98,37 @@ def saved_for_session(model: ir.Model) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def captured_fds(label: str) -> Iterator[None]:
+    """Captures what native code writes to file descriptors 1 and 2 (the debug log gets it).
+
+    The TorchScript exporter prints its IR from C++ when it fails, below Python's
+    ``sys.stdout``; only swapping the descriptors keeps that off the terminal.
+    """
+    import os
+    import sys
+
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace").strip()
+            if text:
+                logger.debug("%s wrote:\n%s", label, text[-4000:])
+
+
+@contextlib.contextmanager
 def captured_stdout(label: str) -> Iterator[io.StringIO]:
     """Sends what an exporter prints to the debug log instead of the user's terminal."""
     buffer = io.StringIO()
@@ -114,21 +145,38 @@ def captured_stdout(label: str) -> Iterator[io.StringIO]:
 def quiet_framework_logs() -> Iterator[None]:
     """Keeps exporters' Python warnings and chatty loggers out of the user's terminal.
 
-    Warnings go to the debug log; the torch and tf2onnx loggers are raised to ERROR meanwhile.
+    Warnings go to the debug log; the framework loggers are silenced meanwhile.
     """
-    names = ("torch", "torch.onnx", "torch.export", "torch._dynamo", "tf2onnx", "tensorflow")
-    saved = {name: logging.getLogger(name).level for name in names}
+    # tf2onnx is left out: its errors name unconvertible ops and are collected by tf_export.
+    prefixes = ("torch", "onnxscript", "tensorflow", "absl")
+    # torch's loggers have their own handlers and levels (propagate=False), so raising the
+    # parent's level does not reach them; disabling each one does.
+    loggers = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.split(".")[0] in prefixes
+    ]
+    saved = [(lg, lg.disabled) for lg in loggers]
+    # Loggers created during the export are not in the list yet; logging.disable covers them
+    # (WARNING and below, so real errors elsewhere still show).
+    previous_disable = logging.root.manager.disable
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for name in names:
-            logging.getLogger(name).setLevel(logging.ERROR)
+        for lg in loggers:
+            lg.disabled = True
+        logging.disable(logging.WARNING)
+        stderr = io.StringIO()
         try:
-            yield
+            with contextlib.redirect_stderr(stderr):
+                yield
         finally:
-            for name, level in saved.items():
-                logging.getLogger(name).setLevel(level)
+            logging.disable(previous_disable)
+            for lg, disabled in saved:
+                lg.disabled = disabled
             for warning in caught:
                 logger.debug("exporter warning: %s", warning.message)
+            if stderr.getvalue().strip():
+                logger.debug("exporter wrote to stderr:\n%s", stderr.getvalue().strip())
 
 
 def default_output_names(count: int) -> list[str]:
@@ -169,12 +217,30 @@ _OP_PATTERNS = (
 
 
 def find_op_name(message: str) -> str | None:
-    """The op an exporter's error message names, if any."""
+    """The op an exporter's error message names, if any (torch ops as ``namespace::name``)."""
+    overload = re.search(r"OpOverload\(op='(\w+)\.([\w.]+)'", message)
+    if overload:
+        return f"{overload.group(1)}::{overload.group(2)}"
     for pattern in _OP_PATTERNS:
         match = pattern.search(message)
         if match:
             return match.group(1).strip().strip("'\"")
     return None
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost cause (exporters wrap the real error)."""
+    inner = exc
+    seen = {id(inner)}
+    while inner.__cause__ is not None and id(inner.__cause__) not in seen:
+        inner = inner.__cause__
+        seen.add(id(inner))
+    message = str(inner)
+    summary = re.search(r"## Exception summary\s+<class '([\w.]+)'>: ([^\n]+)", message)
+    if summary:  # torch.onnx puts the real error in a summary section
+        return f"{summary.group(1).rsplit('.', 1)[-1]}: {summary.group(2).strip()[:300]}"
+    text = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return f"{type(inner).__name__}: {text[:300]}"
 
 
 def first_lines(message: str, limit: int = 12) -> str:

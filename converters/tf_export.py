@@ -434,11 +434,16 @@ def _collect_tf2onnx_errors(messages: list[str]) -> Iterator[None]:
 
     handler = _Keep()
     tf_logger = logging.getLogger("tf2onnx")
+    saved = tf_logger.level, tf_logger.propagate
     tf_logger.addHandler(handler)
+    tf_logger.setLevel(logging.ERROR)
+    tf_logger.propagate = False  # collected here and raised, not printed twice
     try:
         yield
     finally:
         tf_logger.removeHandler(handler)
+        tf_logger.setLevel(saved[0])
+        tf_logger.propagate = saved[1]
 
 
 def _check_ops(proto: onnx.ModelProto, messages: list[str]) -> None:

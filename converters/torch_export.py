@@ -41,14 +41,16 @@ from onnxpress.converters.fidelity import (
 from onnxpress.converters.result import (
     ConversionError,
     ConversionResult,
+    captured_fds,
     captured_stdout,
     default_output_names,
     describe_value,
-    fix_output_shapes,
     find_op_name,
     first_lines,
+    fix_output_shapes,
     model_opset,
     quiet_framework_logs,
+    root_cause,
     saved_for_session,
 )
 from onnxpress.converters.specs import (
@@ -137,10 +139,12 @@ def from_torch(
                 f"expected a torch.nn.Module or ExportedProgram, got {type(module).__name__}"
             )
         params = None
-    module.eval()
+    with contextlib.suppress(NotImplementedError):  # an ExportedProgram's module refuses eval()
+        module.eval()
     signature = _forward_signature(module, params)
     specs = _resolve_specs(signature, example_inputs, inputs, data, static_batch)
-    by_name = _binds_by_name(signature, specs)
+    # An ExportedProgram's module takes its inputs positionally only.
+    by_name = _binds_by_name(signature, specs) and program is None
 
     example = _export_example(specs, data, example_inputs, seed)
     args, kwargs = _to_torch_args(specs, example, by_name)
@@ -475,8 +479,7 @@ def _export(
             if exporter == "dynamo":
                 raise _conversion_error("the dynamo exporter", exc) from exc
             logger.warning(
-                "The dynamo exporter failed (%s); trying the TorchScript exporter",
-                first_lines(str(exc), 2),
+                "The dynamo exporter failed (%s); trying the TorchScript exporter", root_cause(exc)
             )
     module = target.module() if hasattr(target, "module") and not hasattr(target, "forward") else target
     try:
@@ -487,8 +490,7 @@ def _export(
         raise _conversion_error("both exporters", exc, dynamo_error) from exc
     if dynamo_error is None:
         return model, "torch.onnx torchscript", "the TorchScript exporter was asked for"
-    reason = first_lines(f"{type(dynamo_error).__name__}: {dynamo_error}", 3)
-    return model, "torch.onnx torchscript", f"the dynamo exporter failed: {reason}"
+    return model, "torch.onnx torchscript", f"the dynamo exporter failed: {root_cause(dynamo_error)}"
 
 
 def _conversion_error(
@@ -499,12 +501,10 @@ def _conversion_error(
     for message in messages:
         op = op or find_op_name(message)
     what = f"op '{op}' cannot be converted" if op else "the model cannot be converted"
+    labels = (["dynamo"] if first is not None else []) + [which if first is None else "torchscript"]
+    errors = [e for e in (first, exc) if e is not None]
     detail = "\n".join(
-        f"[{label}] {first_lines(m)}"
-        for label, m in zip(
-            (["dynamo"] if first is not None else []) + [which if first is None else "torchscript"],
-            messages, strict=True,
-        )
+        f"[{label}] {root_cause(error)}" for label, error in zip(labels, errors, strict=True)
     )
     return ConversionError(f"{which} failed: {what}.\n{detail}", op=op)
 
@@ -584,7 +584,7 @@ def _export_torchscript(
     }
     with tempfile.TemporaryDirectory(prefix="onnxpress-ts-") as tmp:
         path = Path(tmp) / "model.onnx"
-        with captured_stdout("torch.onnx torchscript"), quiet_framework_logs():
+        with captured_fds("torch.onnx torchscript"), quiet_framework_logs():
             torch.onnx.export(
                 module,
                 args,
