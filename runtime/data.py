@@ -6,10 +6,11 @@ read before it is asked for, so a file larger than memory runs in the memory of 
 
 How each format is read without loading it whole:
 
-* ``.npy``: the header gives dtype, shape and the data offset; a slice of rows is one
-  positioned read (``pread``) into a fresh buffer. Not ``numpy.load(mmap_mode="r")``: the
-  pages a memory map has touched stay resident in the process, so its memory would grow to
-  the whole file over a run.
+* ``.npy``: the header gives dtype, shape and the data offset; the file is memory-mapped and
+  a slice of rows is a read-only view that onnxruntime reads in place. Pages of rows already
+  read are dropped from the process (``madvise``) and the next rows are read ahead, so the
+  resident memory stays at a few batches (``numpy.load(mmap_mode="r")`` alone keeps every
+  page it touched resident, growing to the whole file over a run).
 * ``.npz`` whose members are *stored* (``numpy.savez``): a zip member that is stored is one
   contiguous run of bytes, so each member is read the same way at its offset inside the
   archive (the local file header gives the offset; the ``.npy`` header inside gives dtype,
@@ -28,6 +29,7 @@ How each format is read without loading it whole:
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -40,6 +42,9 @@ import numpy as np
 from onnxpress.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+#: Memory-mapped inputs are read ahead, and dropped behind, in windows of this many bytes.
+_WINDOW_BYTES = 32 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -82,12 +87,15 @@ def _check_rows(path: Path, arrays: dict[str, tuple[int, ...]]) -> int:
 
 
 class _RowFile:
-    """A C-ordered array stored contiguously in a file at ``offset``, read by rows with ``pread``.
+    """A C-ordered array stored contiguously in a file at ``offset``, read by rows without copying.
 
-    Positioned reads copy just the rows asked for into a fresh buffer, so the process's
-    resident memory stays at a batch; slicing a memory map instead leaves every page it
-    touched mapped into the process (resident file pages grow to the whole input). Fortran-
-    ordered arrays, whose rows are not contiguous, are read through a memory map.
+    The file is memory-mapped and a slice of rows is a read-only view of the mapping, which
+    onnxruntime reads in place (no copy). Reads go forward: each read asks the kernel to read
+    ahead (``MADV_WILLNEED``) and drops the pages of the rows already read from the process
+    (``MADV_DONTNEED``; the page cache keeps them, and a view that is still held faults them
+    back in), both in windows of 32 MiB, so the process's resident memory stays at about two
+    windows plus a batch however large the file is. A plain ``numpy.load(mmap_mode="r")`` would leave every page it has
+    touched resident. Fortran-ordered arrays, whose rows are not contiguous, are copied.
     """
 
     def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> None:
@@ -95,30 +103,51 @@ class _RowFile:
         self.offset = offset
         self.dtype = dtype
         self.shape = shape
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        self._fd = os.open(path, os.O_RDONLY)
-        self._map = (np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
-                     if fortran and len(shape) > 1 and all(shape) else None)
+        self.row_elements = int(np.prod(shape[1:], dtype=np.int64))
+        self.row_bytes = self.row_elements * dtype.itemsize
+        self.row_shape = tuple(shape[1:])
+        self.fortran = fortran and len(shape) > 1
+        self._mmap: mmap.mmap | None = None
+        self._released = 0  # pages before this offset were dropped from the process
+        self._ahead = 0  # read-ahead was asked for up to this offset
+        if int(np.prod(shape, dtype=np.int64)) > 0:
+            with open(path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if self.fortran and self._mmap is not None:
+            self._array = np.ndarray(shape, dtype=dtype, buffer=self._mmap, offset=offset, order="F")
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        if self._map is not None:
-            return np.ascontiguousarray(self._map[start:stop])
-        out = np.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
-        position = self.offset + start * self.row_bytes
-        done = 0
-        while done < len(view):
-            count = os.preadv(self._fd, [view[done:]], position + done)
-            if count <= 0:
-                raise InputError(f"{self.path}: ends early (truncated?)")
-            done += count
-        return out
+        if self._mmap is None or stop <= start:
+            return np.empty((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
+        if self.fortran:
+            return np.ascontiguousarray(self._array[start:stop])
+        begin = self.offset + start * self.row_bytes
+        end = self.offset + stop * self.row_bytes
+        page = mmap.PAGESIZE
+        # madvise costs a system call and a TLB flush: call it once per window, not per batch.
+        floor = begin // page * page
+        if begin < self._released:  # reading backwards: start the windows over
+            self._released = self._ahead = floor
+        if floor - self._released >= _WINDOW_BYTES:
+            self._mmap.madvise(mmap.MADV_DONTNEED, self._released, floor - self._released)
+            self._released = floor
+        if end > self._ahead and self._ahead < len(self._mmap):
+            start_ahead = max(self._ahead, floor)
+            length = min(len(self._mmap) - start_ahead, max(end - start_ahead, _WINDOW_BYTES))
+            self._mmap.madvise(mmap.MADV_WILLNEED, start_ahead, length)
+            self._ahead = start_ahead + length
+        count = (stop - start) * self.row_elements
+        return np.frombuffer(self._mmap, dtype=self.dtype, count=count, offset=begin).reshape(
+            (stop - start, *self.row_shape))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._map = None
+        if self._mmap is not None:
+            self._array = None
+            try:
+                self._mmap.close()
+            except BufferError:  # a caller still holds rows; the mapping closes when they go
+                pass
+            self._mmap = None
 
 
 def _check_size(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...], limit: int, what: str) -> None:

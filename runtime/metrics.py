@@ -34,6 +34,15 @@ MAX_SQNR_DB = 200.0
 _NOT_SCORES = re.compile(r"embed|hidden|feature|pool|state|vector|encod", re.IGNORECASE)
 
 
+def histogram_bins(abs_error: np.ndarray) -> np.ndarray:
+    """The :data:`HISTOGRAM_EDGES` bin of each absolute error: 0 for exact, else ``k`` with
+    ``edges[k-1] < e <= edges[k]`` (four bins a decade, so ``k = ceil(4 (log10 e + 10)) + 1``)."""
+    with np.errstate(divide="ignore"):
+        k = np.ceil(4.0 * (np.log10(abs_error) + 10.0)) + 1.0
+    k = np.clip(k, 1, len(HISTOGRAM_EDGES) - 1)
+    return np.where(abs_error > 0, k, 0).astype(np.intp)
+
+
 def holds_class_scores(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
     """Whether an output looks like class scores: floating ``[N, C]`` with ``C >= 2``, not named as features."""
     return (
@@ -74,33 +83,38 @@ class OutputMetrics:
         if reference.shape != candidate.shape:
             self.shape_mismatch = f"reference {list(reference.shape)} vs candidate {list(candidate.shape)}"
             return
+        if reference.ndim and len(reference) == 0:
+            return
         if self.samples == 0:
             self.class_scores = holds_class_scores(self.name, reference.shape, reference.dtype)
-        r = reference.astype(np.float64, copy=False).reshape(len(reference), -1) if reference.ndim else reference.reshape(1, 1).astype(np.float64)
-        c = candidate.astype(np.float64, copy=False).reshape(r.shape)
+        # Differences in the outputs' own precision (float32 unless float64); every sum in float64.
+        work = np.float64 if reference.dtype == np.float64 else np.float32
+        rows = len(reference) if reference.ndim else 1
+        r = reference.astype(work, copy=False).reshape(rows, -1)
+        c = candidate.astype(work, copy=False).reshape(rows, -1)
         diff = r - c
-        finite = np.isfinite(diff)
-        self.nonfinite += int(diff.size - np.count_nonzero(finite))
-        diff = np.where(finite, diff, 0.0)
+        if not np.isfinite(diff).all():  # rare: count and zero the non-finite differences
+            finite = np.isfinite(diff)
+            self.nonfinite += int(diff.size - np.count_nonzero(finite))
+            diff = np.where(finite, diff, 0)
+            r = np.where(np.isfinite(r), r, 0)
+            c = np.where(np.isfinite(c), c, 0)
         abs_diff = np.abs(diff)
         self.elements += diff.size
-        self.samples += len(r)
-        if abs_diff.size:
+        self.samples += rows
+        if diff.size:
             self.max_abs_error = max(self.max_abs_error, float(abs_diff.max()))
-        self.sum_abs_error += float(abs_diff.sum())
-        self.sum_sq_error += float(np.square(diff).sum())
-        self.sum_sq_reference += float(np.square(np.where(np.isfinite(r), r, 0.0)).sum())
-        zero = abs_diff == 0
-        self.histogram[0] += int(np.count_nonzero(zero))
-        if abs_diff.size:
-            idx = np.searchsorted(HISTOGRAM_EDGES[1:], abs_diff[~zero], side="left") + 1
-            np.add.at(self.histogram, np.clip(idx, 1, len(HISTOGRAM_EDGES) - 1), 1)
-        dot = np.einsum("ij,ij->i", r, c)
-        norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
-        both_zero = (np.linalg.norm(r, axis=1) == 0) & (np.linalg.norm(c, axis=1) == 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
-        self.cosines.append(np.nan_to_num(cos, nan=0.0).astype(np.float64))
+        self.sum_abs_error += float(abs_diff.sum(dtype=np.float64))
+        self.sum_sq_error += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+        rr = np.einsum("ij,ij->i", r, r, dtype=np.float64)
+        cc = np.einsum("ij,ij->i", c, c, dtype=np.float64)
+        dot = np.einsum("ij,ij->i", r, c, dtype=np.float64)
+        self.sum_sq_reference += float(rr.sum())
+        self.histogram += np.bincount(histogram_bins(abs_diff.reshape(-1)), minlength=len(HISTOGRAM_EDGES))
+        norms = np.sqrt(rr * cc)
+        safe = np.where(norms > 0, norms, 1.0)
+        cos = np.where(norms > 0, dot / safe, np.where((rr == 0) & (cc == 0), 1.0, 0.0))
+        self.cosines.append(np.clip(cos, -1.0, 1.0))
         if self.class_scores:
             self.top1_matches += int(np.count_nonzero(reference.argmax(axis=1) == candidate.argmax(axis=1)))
 

@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from onnxpress.errors import InputError
 from onnxpress.runtime.data import InputSource, iter_slices, open_source
+from onnxpress.runtime.shards import ShardWriter, assemble_parquet, run_fingerprint
 from onnxpress.sessions import load_session
 
 logger = logging.getLogger(__name__)
@@ -256,8 +257,6 @@ class BatchRunner:
             InputError: The data does not fit the model, or the output exists without
                 ``resume``/``force``, or a resumed output was started with other data or another model.
         """
-        from onnxpress.runtime.shards import ShardWriter, assemble_parquet, run_fingerprint
-
         source = data if not isinstance(data, (str, os.PathLike)) else open_source(data, self.input_names)
         try:
             self.check(source)

@@ -41,7 +41,7 @@ def test_every_format_reads_the_same_rows(tmp_path: Path, rng: np.random.Generat
             got = source.read(lo, hi)
             np.testing.assert_array_equal(got["x"], x[lo:hi], err_msg=name)
             np.testing.assert_array_equal(got["ids"], ids[lo:hi], err_msg=name)
-            assert got["x"].flags.c_contiguous and got["x"].flags.writeable
+            assert got["x"].flags.c_contiguous
         source.close()
 
 

@@ -1,0 +1,217 @@
+"""Benchmarks of onnxpress.runtime, printed as tables.
+
+1. Runner overhead: ``BatchRunner.run`` (reading the input file, checking, writing shards and
+   manifest) against a bare ``session.run`` loop over the same batches already in memory.
+   Goal: at most 3 %.
+2. Resident memory over an input file larger than 4 GB (``--big-gb``; written to a temporary
+   folder and deleted afterwards): sampled from ``/proc/self/status`` while the runner works.
+   Goal: flat, a few batches.
+3. Validation cost: ``validate(...)`` (both models, metrics; no speed timing, no localization)
+   against one model's bare run over the same batches. Goal: at most 2.2x.
+
+Run: ``.venv/bin/python benchmarks/runtime_bench.py [--skip-big] [--big-gb 4.2] [--threads N]``.
+On a shared machine the timings are noisy; each row is the best of ``--repeats`` runs of each
+side, interleaved (the minimum estimates the cost without other processes' interference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as onh
+
+from onnxpress.models.digits import digits_cnn_path
+from onnxpress.report import format_table, human_bytes
+from onnxpress.runtime import BatchRunner, Tolerances, validate
+from onnxpress.sessions import load_session
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler:
+    """Samples the resident set size in a thread."""
+
+    def __init__(self, period: float = 0.05) -> None:
+        self.period = period
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - start, rss_bytes()))
+            time.sleep(self.period)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def wide_model(path: Path, width: int, rng: np.random.Generator) -> Path:
+    """``y = relu(x @ W1) @ W2``: a model whose input rows are wide (4 KiB at width 1024)."""
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+         oh.make_node("MatMul", ["r", "w2"], ["y"])],
+        "wide",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", width])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16])],
+        [onh.from_array((rng.standard_normal((width, 32)) / 32).astype(np.float32), "w1"),
+         onh.from_array((rng.standard_normal((32, 16)) / 6).astype(np.float32), "w2")],
+    )
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def perturbed_copy(source: Path, target: Path, rng: np.random.Generator, scale: float = 0.01) -> Path:
+    model = onnx.load(source)
+    for init in model.graph.initializer:
+        array = onh.to_array(init)
+        if array.dtype == np.float32 and array.size > 1:
+            noisy = array + rng.standard_normal(array.shape).astype(np.float32) * np.abs(array).mean() * scale
+            init.CopyFrom(onh.from_array(noisy.astype(np.float32), init.name))
+    onnx.save(model, target)
+    return target
+
+
+def bare_loop(model: Path, array: np.ndarray | Path, name: str, batch: int, threads: int | None) -> float:
+    """``session.run`` over the batches; a path is read the way a user would: ``np.load(mmap_mode="r")``."""
+    session = load_session(model, threads=threads)
+    if isinstance(array, Path):
+        array = np.load(array, mmap_mode="r")
+    start = time.perf_counter()
+    for lo in range(0, len(array), batch):
+        session.run(None, {name: array[lo:lo + batch]})
+    return time.perf_counter() - start
+
+
+def runner_run(model: Path, data: Path, out: Path, batch: int, threads: int | None) -> float:
+    runner = BatchRunner(model, batch_size=batch, threads=threads)
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    runner.run(data, out)
+    return time.perf_counter() - start
+
+
+def overhead(work: Path, repeats: int, threads: int | None, rng: np.random.Generator) -> list[list[str]]:
+    rows = [["model", "samples", "batch", "bare loop s", "runner s", "overhead"]]
+    cases = []
+    np.save(work / "digits.npy", rng.standard_normal((200_000, 1, 8, 8)).astype(np.float32))
+    cases.append(("digits CNN", digits_cnn_path(), work / "digits.npy", 200_000, "image", 256))
+    write_wide(work / "wide.npy", 250_000, 1024, rng)
+    cases.append(("wide MLP 1024->32->16", wide_model(work / "wide.onnx", 1024, rng), work / "wide.npy", 250_000,
+                  "x", 512))
+    for label, model, data, count, name, batch in cases:
+        bare, run = [], []
+        for _ in range(repeats):  # interleaved so machine noise hits both
+            bare.append(bare_loop(model, data, name, batch, threads))
+            run.append(runner_run(model, data, work / "out", batch, threads))
+        b, r = min(bare), min(run)
+        rows.append([label, str(count), str(batch), f"{b:.3f}", f"{r:.3f}", f"{(r / b - 1) * 100:+.1f}%"])
+    return rows
+
+
+def validation_cost(work: Path, repeats: int, threads: int | None, rng: np.random.Generator) -> list[list[str]]:
+    rows = [["model", "samples", "batch", "one model s", "validate s", "ratio"]]
+    np.save(work / "vdigits.npy", rng.standard_normal((100_000, 1, 8, 8)).astype(np.float32))
+    write_wide(work / "vwide.npy", 100_000, 1024, rng)
+    cases = [("digits CNN", digits_cnn_path(), work / "vdigits.npy", 100_000, "image", 256),
+             ("wide MLP", wide_model(work / "vwide.onnx", 1024, rng), work / "vwide.npy", 100_000, "x", 512)]
+    for label, model, data, count, name, batch in cases:
+        candidate = perturbed_copy(model, work / f"cand-{model.name}", rng)
+        one, both = [], []
+        for _ in range(repeats):
+            one.append(bare_loop(model, data, name, batch, threads))
+            start = time.perf_counter()
+            validate(model, candidate, data=data, batch_size=batch, measure_speed=False,
+                     tolerances=Tolerances(), threads=threads)
+            both.append(time.perf_counter() - start)
+        o, v = min(one), min(both)
+        rows.append([label, str(count), str(batch), f"{o:.3f}", f"{v:.3f}", f"{v / o:.2f}x"])
+    return rows
+
+
+def write_wide(path: Path, rows: int, width: int, rng: np.random.Generator, chunk: int = 32_768) -> None:
+    """Writes a float32 ``[rows, width]`` .npy in chunks (never the whole array in memory)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, width))
+    base = rng.standard_normal((chunk, width)).astype(np.float32)
+    for i, lo in enumerate(range(0, rows, chunk)):
+        hi = min(rows, lo + chunk)
+        out[lo:hi] = base[: hi - lo] + np.float32(i % 7)
+        out.flush()
+    del out
+
+
+def big_file_memory(work: Path, gigabytes: float, threads: int | None, rng: np.random.Generator) -> list[list[str]]:
+    width, batch = 1024, 1024
+    row_bytes = width * 4
+    rows_total = int(gigabytes * 1024**3 // row_bytes) + 1
+    path = work / "big.npy"
+    print(f"writing {human_bytes(rows_total * row_bytes)} to {path} ...", file=sys.stderr)
+    write_wide(path, rows_total, width, rng)
+    model = wide_model(work / "big.onnx", width, rng)
+    runner = BatchRunner(model, batch_size=batch, threads=threads)
+    before = rss_bytes()
+    start = time.perf_counter()
+    with RssSampler() as sampler:
+        runner.run(path, work / "big-out")
+    seconds = time.perf_counter() - start
+    values = [r for _, r in sampler.samples]
+    n = len(values)
+    table = [["input", "rows", "batch", "batch bytes", "RSS before", "RSS 10%", "RSS 50%", "RSS 90%", "RSS peak",
+              "peak - before", "seconds"]]
+    table.append([human_bytes(path.stat().st_size), str(rows_total), str(batch), human_bytes(batch * row_bytes),
+                  human_bytes(before), human_bytes(values[n // 10]), human_bytes(values[n // 2]),
+                  human_bytes(values[9 * n // 10]), human_bytes(max(values)), human_bytes(max(values) - before),
+                  f"{seconds:.1f}"])
+    path.unlink()
+    return table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--big-gb", type=float, default=4.2, help="size of the big input file (GB)")
+    parser.add_argument("--skip-big", action="store_true", help="skip the big-file memory benchmark")
+    parser.add_argument("--only", choices=("overhead", "validate", "memory"), help="run one benchmark")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    work = Path(tempfile.mkdtemp(prefix="onnxpress-bench-"))
+    try:
+        if args.only in (None, "overhead"):
+            print("runner overhead (best of %d, interleaved)" % args.repeats)
+            print(format_table(overhead(work, args.repeats, args.threads, rng)), end="\n\n", flush=True)
+        if args.only in (None, "validate"):
+            print("validation cost (best of %d, interleaved; no speed timing, no localization)" % args.repeats)
+            print(format_table(validation_cost(work, args.repeats, args.threads, rng)), end="\n\n", flush=True)
+        if args.only == "memory" or (args.only is None and not args.skip_big):
+            print("resident memory over a big input file")
+            print(format_table(big_file_memory(work, args.big_gb, args.threads, rng)), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
