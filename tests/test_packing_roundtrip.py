@@ -126,9 +126,14 @@ def _model_with(tensors: list[onnx.TensorProto]) -> onnx.ModelProto:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(specs=_tensor_specs(), level=st.sampled_from([1, 3]), min_bytes=st.sampled_from([0, 64]))
+@given(
+    specs=_tensor_specs(),
+    level=st.sampled_from([1, 3]),
+    min_bytes=st.sampled_from([0, 64]),
+    chunk_bytes=st.sampled_from([16, 208, 1 << 22]),
+)
 def test_generated_tensors_of_every_dtype_round_trip(
-    tmp_path_factory: pytest.TempPathFactory, specs: list, level: int, min_bytes: int
+    tmp_path_factory: pytest.TempPathFactory, specs: list, level: int, min_bytes: int, chunk_bytes: int
 ) -> None:
     tmp_path = tmp_path_factory.mktemp("gen")
     tensors = [_tensor(dt, shape, seed, sparsity, f"t{i}") for i, (dt, shape, seed, sparsity) in enumerate(specs)]
@@ -139,7 +144,7 @@ def test_generated_tensors_of_every_dtype_round_trip(
         tensors.append(dup)
     src = tmp_path / "gen.onnx"
     onnx.save(_model_with(tensors), src)
-    packed, out = _round_trip(src, tmp_path, level=level, min_bytes=min_bytes)
+    packed, out = _round_trip(src, tmp_path, level=level, min_bytes=min_bytes, chunk_bytes=chunk_bytes)
     assert out.read_bytes() == src.read_bytes()
     restored = load_model_proto(packed)
     for original, back in zip(tensors, restored.graph.initializer, strict=True):
@@ -191,7 +196,7 @@ def test_attribute_subgraph_and_function_tensors_are_packed_and_run(tmp_path: Pa
     model = _structured_model(rng)
     src = tmp_path / "s.onnx"
     onnx.save(model, src)
-    packed, out = _round_trip(src, tmp_path, min_bytes=128)
+    packed, out = _round_trip(src, tmp_path, min_bytes=128, chunk_bytes=4096)
     assert out.read_bytes() == src.read_bytes()
     with PackedModel(packed) as container:
         names = [t.name for t in container.manifest.tensors]
@@ -206,7 +211,7 @@ def test_streaming_session_path_matches(tmp_path: Path, rng: np.random.Generator
     src = tmp_path / "s.onnx"
     onnx.save(_structured_model(rng), src)
     packed = tmp_path / "s.onnxz"
-    pack(src, packed, min_bytes=128)
+    pack(src, packed, min_bytes=128, chunk_bytes=1024)
     feeds = {"x": rng.standard_normal((2, 64)).astype(np.float32), "cond": np.array(False)}
     expected = onnxpress.load_session(src).run(None, feeds)
     # inline_limit=0 forces the large-model path: tensors streamed to a temporary external file
@@ -223,7 +228,7 @@ def test_external_data_model_round_trips_both_files(tmp_path: Path, rng: np.rand
     data_file = src_dir / "ext.onnx.data"
     assert data_file.stat().st_size > 0
     packed = tmp_path / "ext.onnxz"
-    report = pack(src, packed)
+    report = pack(src, packed, chunk_bytes=2048)
     assert report.byte_exact
     out = tmp_path / "out" / "ext.onnx"
     out.parent.mkdir()

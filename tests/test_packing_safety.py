@@ -94,7 +94,15 @@ def _all_readers(path: Path, tmp_path: Path) -> list[Callable[[], object]]:
 
 
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
-def test_corrupt_tensor_bytes_are_reported_with_the_tensor(packed: Path, tmp_path: Path, where: float) -> None:
+@pytest.mark.parametrize("chunked", [False, True])
+def test_corrupt_tensor_bytes_are_reported_with_the_tensor(
+    packed: Path, tmp_path: Path, where: float, chunked: bool
+) -> None:
+    if chunked:
+        packed = tmp_path / "chunked.onnxz"
+        pack(tmp_path / "m.onnx", packed, chunk_bytes=1024)
+        with PackedModel(packed) as container:
+            assert len(container.manifest.tensors[0].chunks) == 8
     member = _member_of(packed, "w1")
     start, end = _member_span(packed, member)
     data = bytearray(packed.read_bytes())
@@ -169,7 +177,7 @@ def test_declared_size_over_the_limit_is_refused_before_decoding(packed: Path, t
     def huge(doc: dict) -> None:
         entry = _entry(doc, "w1")
         entry["shape"] = [1 << 20, 1 << 20]
-        entry["raw_size"] = 4 << 40
+        entry["raw_size"] = entry["chunks"][0]["raw_size"] = 4 << 40
 
     bad = _rewrite(packed, tmp_path / "huge.onnxz", manifest=huge)
     with pytest.raises(InputError, match="over the limit"):
@@ -187,7 +195,8 @@ def test_frame_larger_than_declared_is_refused(packed: Path, tmp_path: Path) -> 
 
     def declare(doc: dict) -> None:
         entry = _entry(doc, "w2")
-        entry["codec"], entry["params"], entry["coded_size"] = "zstd", {}, len(frame)
+        entry["coded_size"] = len(frame)
+        entry["chunks"] = [{"codec": "zstd", "params": {}, "raw_size": 4096, "coded_size": len(frame)}]
 
     bad = _rewrite(packed, tmp_path / "frame.onnxz", manifest=declare, members=swap)
     with pytest.raises(InputError, match="tensor 'w2'.*declares 409600 bytes, expected 4096"):
@@ -224,9 +233,19 @@ def test_unsafe_external_file_names_are_refused(packed: Path, tmp_path: Path, lo
     assert list(tmp_path.glob("out*")) == []
 
 
+def test_chunks_must_add_up(packed: Path, tmp_path: Path) -> None:
+    def split(doc: dict) -> None:
+        chunk = _entry(doc, "w1")["chunks"][0]
+        chunk["raw_size"] -= 8
+
+    bad = _rewrite(packed, tmp_path / "chunks.onnxz", manifest=split)
+    with pytest.raises(InputError, match="tensor 'w1': its chunks do not add up"):
+        PackedModel(bad)
+
+
 def test_unknown_codec_and_version_are_named(packed: Path, tmp_path: Path) -> None:
     def codec(doc: dict) -> None:
-        _entry(doc, "w2")["codec"] = "brotli"
+        _entry(doc, "w2")["chunks"][0]["codec"] = "brotli"
 
     bad = _rewrite(packed, tmp_path / "codec.onnxz", manifest=codec)
     with pytest.raises(InputError, match="tensor 'w2'.*unknown codec 'brotli'"):

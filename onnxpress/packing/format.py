@@ -108,19 +108,34 @@ class ExternalRef:
 
 
 @dataclass
+class Chunk:
+    """A run of a tensor's bytes coded on its own, so large tensors decode in parallel."""
+
+    codec: str
+    params: dict[str, int]
+    raw_size: int
+    coded_size: int
+
+
+@dataclass
 class TensorEntry:
     """One large tensor: what it is, how it is coded, where its stream is."""
 
     name: str
     dtype: str
     shape: list[int]
-    codec: str
-    params: dict[str, int]
     raw_size: int
     coded_size: int
     sha256: str
     member: str
+    chunks: list[Chunk]
     external: ExternalRef | None = None
+
+    @property
+    def codec(self) -> str:
+        """The chunks' codec, or ``mixed`` when they differ."""
+        names = {chunk.codec for chunk in self.chunks}
+        return names.pop() if len(names) == 1 else "mixed"
 
 
 @dataclass
@@ -222,9 +237,10 @@ class Manifest:
 
 
 def _entry_json(entry: TensorEntry) -> dict[str, Any]:
-    doc = asdict(entry)
-    if entry.external is None:
-        del doc["external"]
+    doc = {"name": entry.name, "dtype": entry.dtype, "shape": entry.shape, "codec": entry.codec}
+    doc |= {k: v for k, v in asdict(entry).items() if k not in doc and k != "external"}
+    if entry.external is not None:
+        doc["external"] = asdict(entry.external)
     return doc
 
 
@@ -285,9 +301,25 @@ class _Checker:
         member = self.text(item.get("member"), what + ".member")
         if not _MEMBER_RE.match(member):
             raise self.fail(what + ".member", "a member name like t/000001.bin", member)
-        params = self.is_dict(item.get("params", {}), what + ".params")
-        for key, value in params.items():
-            self.size(value, f"{what}.params.{key}")
+        coded_size = self.size(item.get("coded_size"), what + ".coded_size")
+        chunks = []
+        for j, chunk in enumerate(self.is_list(item.get("chunks"), what + ".chunks")):
+            where = f"{what}.chunks[{j}]"
+            chunk = self.is_dict(chunk, where)
+            params = self.is_dict(chunk.get("params", {}), where + ".params")
+            for key, value in params.items():
+                self.size(value, f"{where}.params.{key}")
+            chunks.append(Chunk(
+                codec=self.text(chunk.get("codec"), where + ".codec"),
+                params=dict(params),
+                raw_size=self.size(chunk.get("raw_size"), where + ".raw_size"),
+                coded_size=self.size(chunk.get("coded_size"), where + ".coded_size"),
+            ))
+        if sum(c.raw_size for c in chunks) != raw_size or sum(c.coded_size for c in chunks) != coded_size:
+            raise InputError(
+                f"{self.where}: tensor '{name}': its chunks do not add up to its raw_size "
+                f"{raw_size} and coded_size {coded_size}"
+            )
         external = None
         if item.get("external") is not None:
             ext = self.is_dict(item["external"], what + ".external")
@@ -303,12 +335,11 @@ class _Checker:
             name=name,
             dtype=dtype,
             shape=list(shape),
-            codec=self.text(item.get("codec"), what + ".codec"),
-            params=dict(params),
             raw_size=raw_size,
-            coded_size=self.size(item.get("coded_size"), what + ".coded_size"),
+            coded_size=coded_size,
             sha256=self.sha(item.get("sha256"), what + ".sha256"),
             member=member,
+            chunks=chunks,
             external=external,
         )
 

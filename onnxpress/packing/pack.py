@@ -42,6 +42,7 @@ from onnxpress.packing.format import (
     MANIFEST_MEMBER,
     MARKER_KEY,
     ZIP_DATE_TIME,
+    Chunk,
     ExternalFile,
     ExternalRef,
     Manifest,
@@ -62,7 +63,11 @@ logger = logging.getLogger(__name__)
 #: Tensors with fewer raw bytes stay in the graph (which is zstd coded as a whole).
 DEFAULT_MIN_TENSOR_BYTES = 256
 
-#: ``progress(done, total, name)`` after each coded tensor.
+#: Tensors are coded in independent chunks of this many bytes (4 MiB): large enough that
+#: zstd's tables and the sparse mask lose nothing, small enough to decode in parallel.
+DEFAULT_CHUNK_BYTES = 1 << 22
+
+#: ``progress(done, total, name)`` after each coded chunk.
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -107,6 +112,7 @@ def pack(
     min_bytes: int = DEFAULT_MIN_TENSOR_BYTES,
     force: bool = False,
     progress: ProgressCallback | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> PackReport:
     """Packs an ``.onnx`` model (and its external data) into one ``.onnxz`` file.
 
@@ -117,7 +123,9 @@ def pack(
         threads: Tensors coded at once; all cores when None.
         min_bytes: Tensors smaller than this stay inside the graph member.
         force: Replace an existing output.
-        progress: Called after each coded tensor.
+        progress: Called after each coded chunk: ``(done, total, tensor name)``.
+        chunk_bytes: Tensors are coded in runs of this many bytes (a multiple of 16), each
+            on its own, so a large tensor is coded and decoded on all cores at once.
 
     Returns:
         A :class:`PackReport`.
@@ -132,6 +140,8 @@ def pack(
         raise InputError(f"zstd level {level} is outside {codecs.MIN_LEVEL}..{codecs.MAX_LEVEL}")
     if min_bytes < 0:
         raise InputError(f"min_bytes must be >= 0, got {min_bytes}")
+    if chunk_bytes < 16 or chunk_bytes % 16:
+        raise InputError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
     _check_output(source, output, force)
     data = _read_source(source)
     source_sha = hashlib.sha256(data).hexdigest()
@@ -151,7 +161,7 @@ def pack(
         if any(not f[1] for f in external_files.values()):
             byte_exact = False
         source_size += sum(size for (size, _, _) in external_files.values())
-        entries, streams = _code_all(candidates, level, threads, progress)
+        entries, streams = _code_all(candidates, level, threads, progress, chunk_bytes)
         for cand in candidates:
             if isinstance(cand.data, memoryview):
                 cand.data.release()
@@ -350,8 +360,13 @@ def _code_all(
     level: int,
     threads: int | None,
     progress: ProgressCallback | None,
+    chunk_bytes: int,
 ) -> tuple[list[TensorEntry], dict[str, bytes]]:
-    """Hashes and codes every distinct tensor in a thread pool; returns entries and streams."""
+    """Hashes and codes every distinct tensor, chunk by chunk, in a thread pool.
+
+    Each chunk of ``chunk_bytes`` (the last one shorter) is coded on its own with the best
+    codec for it, so one large tensor keeps every core busy when it is packed and unpacked.
+    """
     workers = max(1, threads or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         digests = list(pool.map(lambda c: hashlib.sha256(c.data).hexdigest(), candidates))
@@ -360,34 +375,39 @@ def _code_all(
             cand.sha256 = digest
             first.setdefault((digest, len(cand.data)), index)
         unique = sorted(set(first.values()))
-        futures = {
-            pool.submit(codecs.encode, candidates[i].data, candidates[i].width, level): i
-            for i in unique
-        }
-        coded: dict[int, codecs.Encoded] = {}
+        futures = {}
+        for i in unique:
+            data = memoryview(candidates[i].data).cast("B")
+            for start in range(0, len(data), chunk_bytes):
+                chunk = data[start : start + chunk_bytes]
+                futures[pool.submit(codecs.encode, chunk, candidates[i].width, level)] = (i, start)
+        coded: dict[tuple[int, int], codecs.Encoded] = {}
         for done, future in enumerate(as_completed(futures), start=1):
-            index = futures[future]
-            coded[index] = future.result()
+            coded[futures[future]] = future.result()
             if progress is not None:
-                progress(done, len(unique), candidates[index].tensor.name)
+                progress(done, len(futures), candidates[futures[future][0]].tensor.name)
     entries = []
     streams: dict[str, bytes] = {}
     for index, cand in enumerate(candidates):
         owner = first[(cand.sha256, len(cand.data))]
-        encoded = coded[owner]
+        parts = [coded[(owner, start)] for start in range(0, len(cand.data), chunk_bytes)]
         member = tensor_member(owner)
-        streams[member] = encoded.data
+        if member not in streams:
+            streams[member] = b"".join(part.data for part in parts)
+        sizes = [min(chunk_bytes, len(cand.data) - start) for start in range(0, len(cand.data), chunk_bytes)]
         entries.append(
             TensorEntry(
                 name=cand.tensor.name,
                 dtype=dtype_name(cand.tensor.data_type),
                 shape=list(cand.tensor.dims),
-                codec=encoded.codec,
-                params=encoded.params,
                 raw_size=len(cand.data),
-                coded_size=len(encoded.data),
+                coded_size=len(streams[member]),
                 sha256=cand.sha256,
                 member=member,
+                chunks=[
+                    Chunk(part.codec, part.params, size, len(part.data))
+                    for part, size in zip(parts, sizes, strict=True)
+                ],
                 external=cand.external,
             )
         )

@@ -180,8 +180,8 @@ class PackedModel:
                     f"{info.file_size} bytes, the manifest says {entry.coded_size}"
                 )
             other = by_member.setdefault(entry.member, entry)
-            if (other.sha256, other.raw_size, other.codec, other.params) != (
-                entry.sha256, entry.raw_size, entry.codec, entry.params,
+            if (other.sha256, other.raw_size, other.chunks) != (
+                entry.sha256, entry.raw_size, entry.chunks,
             ):
                 raise InputError(
                     f"{self.path}: tensors '{other.name}' and '{entry.name}' share member "
@@ -269,23 +269,51 @@ class PackedModel:
             )
         return proto
 
+    def _decode_chunk(
+        self, index: int, chunk_index: int, out: np.ndarray | None
+    ) -> np.ndarray | bytes:
+        """Decodes one chunk of tensor ``index``, into ``out`` when given (its slice)."""
+        entry = self.manifest.tensors[index]
+        what = f"tensor '{entry.name}'"
+        chunk = entry.chunks[chunk_index]
+        coded_start = sum(c.coded_size for c in entry.chunks[:chunk_index])
+        view = self._member_view(entry.member, what)
+        try:
+            raw = codecs.decode_array(
+                chunk.codec, view[coded_start : coded_start + chunk.coded_size],
+                chunk.raw_size, chunk.params,
+            )
+        except codecs.CodecError as exc:
+            where = f", chunk {chunk_index}" if len(entry.chunks) > 1 else ""
+            raise InputError(
+                f"{self.path}: {what} (member '{entry.member}'{where}) is corrupt: {exc}"
+            ) from exc
+        finally:
+            view.release()
+        if out is None:
+            return raw
+        raw_start = sum(c.raw_size for c in entry.chunks[:chunk_index])
+        out[raw_start : raw_start + chunk.raw_size] = np.frombuffer(raw, dtype=np.uint8)
+        return out
+
+    def _verify(self, index: int, raw: np.ndarray | bytes) -> np.ndarray | bytes:
+        entry = self.manifest.tensors[index]
+        if hashlib.sha256(raw).hexdigest() != entry.sha256:
+            raise InputError(
+                f"{self.path}: tensor '{entry.name}' (member '{entry.member}'): sha256 mismatch, "
+                "the decoded bytes differ from what was packed (corrupt file)"
+            )
+        return raw
+
     def tensor_data(self, index: int) -> np.ndarray | bytes:
         """Decodes tensor ``index`` (a fresh buffer) and checks its sha256; errors name it."""
         entry = self.manifest.tensors[index]
-        what = f"tensor '{entry.name}'"
-        coded = self._member_view(entry.member, what)
-        try:
-            raw = codecs.decode_array(entry.codec, coded, entry.raw_size, entry.params)
-        except codecs.CodecError as exc:
-            raise InputError(f"{self.path}: {what} (member '{entry.member}') is corrupt: {exc}") from exc
-        finally:
-            coded.release()
-        if hashlib.sha256(raw).hexdigest() != entry.sha256:
-            raise InputError(
-                f"{self.path}: {what} (member '{entry.member}'): sha256 mismatch, the decoded "
-                "bytes differ from what was packed (corrupt file)"
-            )
-        return raw
+        if len(entry.chunks) == 1:
+            return self._verify(index, self._decode_chunk(index, 0, None))
+        out = np.empty(entry.raw_size, dtype=np.uint8)
+        for j in range(len(entry.chunks)):
+            self._decode_chunk(index, j, out)
+        return self._verify(index, out)
 
     def tensor_bytes(self, index: int) -> bytes:
         """Tensor ``index`` as ``bytes`` (see :meth:`tensor_data`)."""
@@ -301,9 +329,13 @@ class PackedModel:
     ) -> list[bytes | np.ndarray]:
         """Every tensor's data, in manifest order; each stored stream is decoded once.
 
+        Every chunk of every distinct stream is one task in a thread pool, so a single large
+        tensor is decoded on all cores; each tensor's sha256 is checked as soon as its last
+        chunk is in.
+
         Args:
-            threads: Streams decoded at once; all cores when None.
-            progress: Called after each decoded stream.
+            threads: Chunks decoded at once; all cores when None.
+            progress: Called after each decoded tensor.
             as_bytes: Return ``bytes`` (for protobuf); otherwise bytes or uint8 arrays,
                 whichever the codec produced, without a copy.
         """
@@ -311,15 +343,24 @@ class PackedModel:
         first: dict[str, int] = {}
         for index, entry in enumerate(tensors):
             first.setdefault(entry.member, index)
-        workers = max(1, threads or os.cpu_count() or 1)
         unique = list(first.values())
+        workers = max(1, threads or os.cpu_count() or 1)
         decoded: dict[int, bytes | np.ndarray] = {}
-        work = self.tensor_bytes if as_bytes else self.tensor_data
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for done, (index, raw) in enumerate(
-                zip(unique, pool.map(work, unique), strict=True), start=1
-            ):
-                decoded[index] = raw
+            single = [i for i in unique if len(tensors[i].chunks) == 1]
+            multi = [i for i in unique if len(tensors[i].chunks) != 1]
+            outs = {i: np.empty(tensors[i].raw_size, dtype=np.uint8) for i in multi}
+            chunk_jobs = [
+                pool.submit(self._decode_chunk, i, j, outs[i])
+                for i in multi for j in range(len(tensors[i].chunks))
+            ]
+            singles = [(i, pool.submit(self.tensor_data, i)) for i in single]
+            for job in chunk_jobs:
+                job.result()
+            checks = [(i, pool.submit(self._verify, i, outs[i])) for i in multi]
+            for done, (index, job) in enumerate(singles + checks, start=1):
+                raw = job.result()
+                decoded[index] = raw.tobytes() if as_bytes and not isinstance(raw, bytes) else raw
                 if progress is not None:
                     progress(done, len(unique), tensors[index].name)
         return [decoded[first[entry.member]] for entry in tensors]
