@@ -1,0 +1,294 @@
+"""PyTorch to ONNX: exports of several model families, the fallback, the fidelity gate, errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import onnx_ir as ir  # noqa: E402
+
+from onnxpress.cli import main  # noqa: E402
+from onnxpress.converters import ConversionError, from_torch  # noqa: E402
+from onnxpress.converters.torch_export import _weights_only_loading, load_pt2  # noqa: E402
+from onnxpress.errors import InputError, ValidationFailedError  # noqa: E402
+
+
+def _session(model: ir.Model) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embed(tokens))
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return out
+
+
+class TwoInTwoOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(5, 6)
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.tanh(self.a(left) + self.b(right))
+        return hidden, hidden.sum(dim=-1)
+
+
+class DataDependent(nn.Module):
+    """torch.export cannot trace the branch on a value; TorchScript traces one side of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max().item() > 1e6:
+            return self.lin(x) * 0
+        return self.lin(x)
+
+
+@torch.library.custom_op("onnxpress_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x.sin() * 2
+
+
+@mystery.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class Mystery(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mystery(x) + 1
+
+
+def test_cnn_exports_with_dynamic_batch() -> None:
+    module = SmallCNN().eval()
+    result = from_torch(module, inputs=["image:Nx3x16x16:float32"])
+    assert result.exporter == "torch.onnx dynamo"
+    assert result.fidelity.passed and result.fidelity.batch_sizes == [1, 4]
+    assert [v.name for v in result.model.graph.inputs] == ["image"]
+    assert str(result.model.graph.inputs[0].shape[0]) == "N"
+    x = np.random.default_rng().standard_normal((7, 3, 16, 16)).astype(np.float32)
+    (got,) = _session(result.model).run(None, {"image": x})
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_transformer_encoder_dynamic_batch_and_sequence() -> None:
+    module = Encoder().eval()
+    model, record = from_torch(module, inputs=["tokens:Bxseq=12:int64:0..50"])
+    assert record.passed
+    for row in record.outputs:
+        assert row.cosine > 0.99999 and row.max_abs_error < 1e-4
+    shapes = {row.batch_size: row.shape for row in record.outputs}
+    assert shapes[1][1] == 12 and shapes[4][1] == 9  # the sequence length varied too
+    tokens = np.random.default_rng().integers(0, 50, size=(3, 21))
+    (got,) = _session(model).run(None, {"tokens": tokens})
+    with torch.no_grad():
+        expected = module(torch.from_numpy(tokens)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_lstm_output_shape_is_not_pinned_to_the_example() -> None:
+    result = from_torch(Recurrent().eval(), inputs=["x:B,T,8:float32"])
+    assert result.fidelity.passed
+    out_shape = result.model.graph.outputs[0].shape
+    assert not isinstance(out_shape[1], int), f"sequence axis pinned: {out_shape}"
+    x = np.random.default_rng().standard_normal((2, 5, 8)).astype(np.float32)
+    assert _session(result.model).run(None, {"x": x})[0].shape == (2, 5, 16)
+
+
+def test_two_inputs_two_outputs_from_example_inputs() -> None:
+    module = TwoInTwoOut().eval()
+    example = (torch.randn(3, 4), torch.randn(3, 5))
+    result = from_torch(module, example, output_names=["hidden", "total"])
+    assert [v.name for v in result.model.graph.inputs] == ["left", "right"]
+    assert [v.name for v in result.model.graph.outputs] == ["hidden", "total"]
+    assert {o.name for o in result.fidelity.outputs} == {"hidden", "total"}
+    assert len(result.fidelity.outputs) == 4  # two outputs at two batch sizes
+    with pytest.raises(InputError, match="returns 2"):
+        from_torch(module, example, output_names=["only_one"])
+
+
+def test_dynamo_failure_falls_back_to_torchscript_and_says_why() -> None:
+    result = from_torch(DataDependent().eval(), inputs=["x:Bx4:float32"])
+    assert result.exporter == "torch.onnx torchscript"
+    assert "dynamo exporter failed" in result.exporter_note
+    assert "data-dependent" in result.exporter_note
+    assert result.fidelity.passed
+
+
+def _normal_then_huge() -> np.ndarray:
+    """Two ordinary rows (traced at export and checked at batch 1), then two huge ones."""
+    x = np.random.default_rng().standard_normal((4, 4)).astype(np.float32)
+    x[2:] = 1e7
+    return x
+
+
+def test_mismatch_fails_with_exit_4_and_report(tmp_path: Path) -> None:
+    # TorchScript traced the usual branch; rows above 1e6 take the other branch in PyTorch.
+    script = tmp_path / "models.py"
+    script.write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+        class DataDependent(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(4, 3)
+            def forward(self, x):
+                if x.abs().max().item() > 1e6:
+                    return self.lin(x) * 0
+                return self.lin(x)
+        def build():
+            torch.manual_seed(0)
+            return DataDependent()
+    '''))
+    data = tmp_path / "big.npz"
+    np.savez(data, x=_normal_then_huge())
+    out = tmp_path / "dd.onnx"
+    report = tmp_path / "report.json"
+    status = main([
+        "convert", "torch", f"{script}:build", "-o", str(out), "--input", "x:Bx4:float32",
+        "--data", str(data), "--report", str(report),
+    ])
+    assert status == 4
+    assert not out.exists()  # a failed export is not written without --keep-failed
+    record = json.loads(report.read_text())["conversion"]
+    assert record["exporter"] == "torch.onnx torchscript"
+    assert record["fidelity"]["passed"] is False
+    assert record["fidelity"]["max_abs_error"] > 1.0
+
+
+def test_cli_converts_file_spec_and_writes_report(tmp_path: Path, capsys) -> None:
+    script = tmp_path / "net.py"
+    script.write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(6, 2)
+            def forward(self, features):
+                return torch.softmax(self.lin(features), dim=-1)
+        def build():
+            return Net(), (torch.randn(2, 6),)
+    '''))
+    out = tmp_path / "net.onnx"
+    report = tmp_path / "report.json"
+    assert main(["convert", "torch", f"{script}:build", "-o", str(out), "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "exporter: torch.onnx dynamo" in printed and "fidelity passed" in printed
+    data = json.loads(report.read_text())
+    assert data["conversion"]["fidelity"]["passed"] is True
+    assert data["conversion"]["fidelity"]["batch_sizes"] == [1, 4]
+    assert not Path(str(out) + ".data").exists()  # one file
+    x = np.random.default_rng().standard_normal((3, 6)).astype(np.float32)
+    probs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"features": x})[0]
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # refuses to overwrite without --force
+    assert main(["convert", "torch", f"{script}:build", "-o", str(out)]) == 2
+
+
+def test_missing_callable_and_inputs_that_do_not_fit(tmp_path: Path, capsys) -> None:
+    script = tmp_path / "net.py"
+    script.write_text("import torch\ndef build():\n    return torch.nn.Linear(4, 2)\n")
+    out = str(tmp_path / "x.onnx")
+    assert main(["convert", "torch", f"{script}:nope", "-o", out]) == 2
+    assert "no callable 'nope'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="takes left, right, but 3 input"):
+        from_torch(TwoInTwoOut(), inputs=["a:Bx4:float32", "b:Bx5:float32", "c:Bx1:float32"])
+    with pytest.raises(InputError, match="also needs input.*right"):
+        from_torch(TwoInTwoOut(), inputs=["left:Bx4:float32"])
+    with pytest.raises(InputError, match="fails on the described inputs.*forward takes: x"):
+        from_torch(SmallCNN(), inputs=["x:Bx3x16:float32"])
+    with pytest.raises(InputError, match="--input NAME:SHAPE:DTYPE.*left, right"):
+        from_torch(TwoInTwoOut())
+
+
+def test_unconvertible_op_is_named_with_the_exporters_message() -> None:
+    with pytest.raises(ConversionError) as info:
+        from_torch(Mystery(), inputs=["x:Bx4:float32"])
+    assert info.value.op == "onnxpress_test::mystery"
+    message = str(info.value)
+    assert "op 'onnxpress_test::mystery'" in message
+    assert "[dynamo]" in message and "[torchscript]" in message
+    assert info.value.exit_code == 3
+
+
+def test_pt2_round_trip_and_pickles_refused(tmp_path: Path) -> None:
+    module = TwoInTwoOut().eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(
+        module, (torch.randn(3, 4), torch.randn(3, 5)),
+        dynamic_shapes=({0: batch}, {0: batch}),
+    )
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, str(path))
+    loaded = load_pt2(path)
+    result = from_torch(loaded)
+    assert result.fidelity.passed
+    assert [v.name for v in result.model.graph.inputs] == ["left", "right"]
+
+    class Payload:
+        def __reduce__(self):  # would run code when unpickled
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": Payload()}, evil)
+    with _weights_only_loading(), pytest.raises(pickle.UnpicklingError):
+        torch.load(evil, weights_only=False)  # forced to weights_only
+    not_pt2 = tmp_path / "junk.pt2"
+    not_pt2.write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="junk.pt2"):
+        load_pt2(not_pt2)
+
+
+def test_mismatch_raises_validation_error_from_the_api() -> None:
+    data = {"x": _normal_then_huge()}
+    with pytest.raises(ValidationFailedError, match="output 'output'") as info:
+        from_torch(DataDependent().eval(), inputs=["x:Bx4:float32"], data=data)
+    assert info.value.result.fidelity.passed is False
+    result = from_torch(DataDependent().eval(), inputs=["x:Bx4:float32"], data=data, check=False)
+    assert not result.fidelity.passed and result.fidelity.failures()
