@@ -10,6 +10,7 @@ Every source becomes one ``tf.function`` with an input signature, and that goes 
   descriptions); a ``tf.Module`` through its ``__call__``; a SavedModel through a signature
   (``serving_default`` unless another is named), whose keyword arguments become the inputs.
 
+onnxpress adds a handler for ``Erfc`` (Keras 3's exact GELU), which tf2onnx 1.17 lacks.
 tf2onnx converts what it can and leaves unsupported TensorFlow ops in the graph
 (``continue_on_error``); onnxpress then refuses the model, naming each such op and keeping
 tf2onnx's messages. tf2onnx writes opsets up to 18; the default here is 17.
@@ -380,6 +381,35 @@ def _convert(
     return result
 
 
+def _convert_erfc(ctx: Any, node: Any, name: str, args: Any) -> None:
+    """``Erfc(x) = 1 - Erf(x)``.
+
+    tf2onnx 1.17 has no handler for ``Erfc``, and Keras 3 computes the exact GELU
+    (``keras.activations.gelu(approximate=False)``, the default) as ``0.5 x erfc(-x/sqrt 2)``,
+    so every Keras model with a GELU would otherwise fail to convert.
+    """
+    from tf2onnx import utils
+
+    dtype = ctx.get_dtype(node.input[0])
+    one = ctx.make_const(
+        utils.make_name(f"{node.name}_one"),
+        np.array(1, dtype=onnx.helper.tensor_dtype_to_np_dtype(dtype)),
+    )
+    node.type = "Erf"
+    sub = ctx.insert_new_node_on_output(
+        "Sub", node.output[0], name=utils.make_name(f"{node.name}_erfc"),
+        inputs=[one.output[0], node.output[0]],
+    )
+    ctx.set_dtype(sub.output[0], dtype)
+    ctx.copy_shape(node.output[0], sub.output[0])
+
+
+#: TensorFlow ops tf2onnx lacks, converted here: ``{tf_op: (handler, args)}``.
+_EXTRA_OP_HANDLERS: dict[str, tuple[Callable[..., None], list[Any]]] = {
+    "Erfc": (_convert_erfc, []),
+}
+
+
 def _structured_output_names(function: Any, count: int) -> list[str] | None:
     """The keys of a function that returns a flat dict of tensors, in tf.nest order."""
     tf = _tf()
@@ -416,6 +446,7 @@ def _tf2onnx_from_function(function: Any, opset: int) -> onnx.ModelProto:
             name=concrete.name,
             continue_on_error=True,
             opset=opset,
+            custom_op_handlers=_EXTRA_OP_HANDLERS,
             input_names=input_names,
             output_names=output_names,
             tensors_to_rename=renames,
