@@ -136,7 +136,8 @@ def test_truncated_header_or_empty_file_is_a_clear_error(packed: Path, tmp_path:
 
 def test_sha_mismatch_is_refused(packed: Path, tmp_path: Path) -> None:
     def wrong_sha(doc: dict) -> None:
-        _entry(doc, "w2")["sha256"] = "0" * 64
+        entry = _entry(doc, "w2")
+        entry["sha256"] = entry["chunks"][0]["sha256"] = "0" * 64
 
     bad = _rewrite(packed, tmp_path / "sha.onnxz", manifest=wrong_sha)
     for read in _all_readers(bad, tmp_path):
@@ -196,7 +197,8 @@ def test_frame_larger_than_declared_is_refused(packed: Path, tmp_path: Path) -> 
     def declare(doc: dict) -> None:
         entry = _entry(doc, "w2")
         entry["coded_size"] = len(frame)
-        entry["chunks"] = [{"codec": "zstd", "params": {}, "raw_size": 4096, "coded_size": len(frame)}]
+        entry["chunks"] = [{"codec": "zstd", "params": {}, "raw_size": 4096, "coded_size": len(frame),
+                            "sha256": entry["sha256"]}]
 
     bad = _rewrite(packed, tmp_path / "frame.onnxz", manifest=declare, members=swap)
     with pytest.raises(InputError, match="tensor 'w2'.*declares 409600 bytes, expected 4096"):

@@ -115,6 +115,7 @@ class Chunk:
     params: dict[str, int]
     raw_size: int
     coded_size: int
+    sha256: str
 
 
 @dataclass
@@ -314,12 +315,16 @@ class _Checker:
                 params=dict(params),
                 raw_size=self.size(chunk.get("raw_size"), where + ".raw_size"),
                 coded_size=self.size(chunk.get("coded_size"), where + ".coded_size"),
+                sha256=self.sha(chunk.get("sha256"), where + ".sha256"),
             ))
         if sum(c.raw_size for c in chunks) != raw_size or sum(c.coded_size for c in chunks) != coded_size:
             raise InputError(
                 f"{self.where}: tensor '{name}': its chunks do not add up to its raw_size "
                 f"{raw_size} and coded_size {coded_size}"
             )
+        tensor_sha = self.sha(item.get("sha256"), what + ".sha256")
+        if len(chunks) == 1 and chunks[0].sha256 != tensor_sha:
+            raise InputError(f"{self.where}: tensor '{name}': its one chunk's sha256 differs from its own")
         external = None
         if item.get("external") is not None:
             ext = self.is_dict(item["external"], what + ".external")
@@ -337,7 +342,7 @@ class _Checker:
             shape=list(shape),
             raw_size=raw_size,
             coded_size=coded_size,
-            sha256=self.sha(item.get("sha256"), what + ".sha256"),
+            sha256=tensor_sha,
             member=member,
             chunks=chunks,
             external=external,

@@ -380,8 +380,8 @@ def _code_all(
             data = memoryview(candidates[i].data).cast("B")
             for start in range(0, len(data), chunk_bytes):
                 chunk = data[start : start + chunk_bytes]
-                futures[pool.submit(codecs.encode, chunk, candidates[i].width, level)] = (i, start)
-        coded: dict[tuple[int, int], codecs.Encoded] = {}
+                futures[pool.submit(_encode_chunk, chunk, candidates[i].width, level)] = (i, start)
+        coded: dict[tuple[int, int], tuple[codecs.Encoded, str]] = {}
         for done, future in enumerate(as_completed(futures), start=1):
             coded[futures[future]] = future.result()
             if progress is not None:
@@ -393,7 +393,7 @@ def _code_all(
         parts = [coded[(owner, start)] for start in range(0, len(cand.data), chunk_bytes)]
         member = tensor_member(owner)
         if member not in streams:
-            streams[member] = b"".join(part.data for part in parts)
+            streams[member] = b"".join(part.data for part, _ in parts)
         sizes = [min(chunk_bytes, len(cand.data) - start) for start in range(0, len(cand.data), chunk_bytes)]
         entries.append(
             TensorEntry(
@@ -405,13 +405,18 @@ def _code_all(
                 sha256=cand.sha256,
                 member=member,
                 chunks=[
-                    Chunk(part.codec, part.params, size, len(part.data))
-                    for part, size in zip(parts, sizes, strict=True)
+                    Chunk(part.codec, part.params, size, len(part.data), digest)
+                    for (part, digest), size in zip(parts, sizes, strict=True)
                 ],
                 external=cand.external,
             )
         )
     return entries, streams
+
+
+def _encode_chunk(data: memoryview, width: int, level: int) -> tuple[codecs.Encoded, str]:
+    """One chunk coded with its best codec, and the sha256 of its raw bytes."""
+    return codecs.encode(data, width, level), hashlib.sha256(data).hexdigest()
 
 
 def _write(output: Path, manifest: Manifest, graph: bytes, streams: dict[str, bytes]) -> None:

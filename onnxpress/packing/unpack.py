@@ -290,6 +290,12 @@ class PackedModel:
             ) from exc
         finally:
             view.release()
+        if hashlib.sha256(raw).hexdigest() != chunk.sha256:
+            where = f", chunk {chunk_index}" if len(entry.chunks) > 1 else ""
+            raise InputError(
+                f"{self.path}: {what} (member '{entry.member}'{where}): sha256 mismatch, the "
+                "decoded bytes differ from what was packed (corrupt file)"
+            )
         if out is None:
             return raw
         raw_start = sum(c.raw_size for c in entry.chunks[:chunk_index])
@@ -306,10 +312,13 @@ class PackedModel:
         return raw
 
     def tensor_data(self, index: int) -> np.ndarray | bytes:
-        """Decodes tensor ``index`` (a fresh buffer) and checks its sha256; errors name it."""
+        """Decodes tensor ``index`` (a fresh buffer) and checks its sha256; errors name it.
+
+        Every chunk's sha256 is checked as it is decoded, then the tensor's.
+        """
         entry = self.manifest.tensors[index]
-        if len(entry.chunks) == 1:
-            return self._verify(index, self._decode_chunk(index, 0, None))
+        if len(entry.chunks) == 1:  # its one chunk's sha256 is the tensor's (checked on read)
+            return self._decode_chunk(index, 0, None)
         out = np.empty(entry.raw_size, dtype=np.uint8)
         for j in range(len(entry.chunks)):
             self._decode_chunk(index, j, out)
@@ -330,8 +339,9 @@ class PackedModel:
         """Every tensor's data, in manifest order; each stored stream is decoded once.
 
         Every chunk of every distinct stream is one task in a thread pool, so a single large
-        tensor is decoded on all cores; each tensor's sha256 is checked as soon as its last
-        chunk is in.
+        tensor is decoded on all cores. Each chunk's sha256 is checked in its task; the
+        chunk digests cover every byte, so the whole-tensor digest is not computed again here
+        (it would be one core's work on the largest tensor); :meth:`tensor_data` checks both.
 
         Args:
             threads: Chunks decoded at once; all cores when None.
@@ -357,9 +367,8 @@ class PackedModel:
             singles = [(i, pool.submit(self.tensor_data, i)) for i in single]
             for job in chunk_jobs:
                 job.result()
-            checks = [(i, pool.submit(self._verify, i, outs[i])) for i in multi]
-            for done, (index, job) in enumerate(singles + checks, start=1):
-                raw = job.result()
+            for done, (index, job) in enumerate(singles + [(i, None) for i in multi], start=1):
+                raw = outs[index] if job is None else job.result()
                 decoded[index] = raw.tobytes() if as_bytes and not isinstance(raw, bytes) else raw
                 if progress is not None:
                     progress(done, len(unique), tensors[index].name)
