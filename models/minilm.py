@@ -24,10 +24,12 @@ against PyTorch on real sentences at batch size 1 and 8 before the file is moved
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +106,17 @@ def sample_sentences(n: int, seed: int = 0) -> list[str]:
     return picks
 
 
-def _sentence_pool() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _sentence_pool() -> tuple[str, ...]:
     """Every plain sentence of 6 to 30 words in the modules' docstrings, sorted, unique."""
     import importlib
 
+    with warnings.catch_warnings():  # some modules warn on import or attribute access
+        warnings.simplefilter("ignore")
+        return _collect_sentences(importlib)
+
+
+def _collect_sentences(importlib: Any) -> tuple[str, ...]:
     found: set[str] = set()
     for name in _SENTENCE_MODULES:
         try:
@@ -125,7 +134,7 @@ def _sentence_pool() -> list[str]:
             for sentence in _SENTENCE_END.split(text):
                 if _PLAIN_SENTENCE.match(sentence) and 6 <= len(sentence.split()) <= 30:
                     found.add(sentence)
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def tokenize(
