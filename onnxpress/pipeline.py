@@ -69,6 +69,8 @@ class StepRecord:
 #: ``on_step(index, total, pass_name, record)``: called with ``record=None`` when a step
 #: starts and with its record when it ends.
 StepCallback = Callable[[int, int, str, "StepRecord | None"], None]
+#: ``on_progress(pass_name, done, total, message)``: progress inside a long step.
+ProgressCallback = Callable[[str, int, int, str], None]
 
 
 class Pipeline:
@@ -131,6 +133,7 @@ class Pipeline:
         *,
         calibration: Iterable[CalibrationBatch] | None = None,
         on_step: StepCallback | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> list[StepRecord]:
         """Runs every step in order on ``model`` (in place) and returns the step records.
 
@@ -145,7 +148,11 @@ class Pipeline:
         for index, step in enumerate(self.steps, start=1):
             if on_step is not None:
                 on_step(index, total, step.name, None)
-            instance = step.pass_cls(step.config, calibration=calibration)
+            progress = None
+            if on_progress is not None:
+                def progress(done: int, count: int, message: str, _name: str = step.name) -> None:
+                    on_progress(_name, done, count, message)
+            instance = step.pass_cls(step.config, calibration=calibration, progress=progress)
             start = time.perf_counter()
             try:
                 result = instance(model)

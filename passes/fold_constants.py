@@ -149,8 +149,13 @@ class FoldConstantsPass(OnnxpressPass):
         infer_shapes(model)
         folded: Counter[str] = Counter()
         kept_for_size: list[str] = []
+        total = sum(1 for g in graph_likes(model) for _ in g)
+        seen = 0
         for graph in list(graph_likes(model)):
             for node in list(graph):
+                seen += 1
+                if seen % 256 == 0 or seen == total:
+                    self._report(seen, total, "nodes")
                 result = self._try_fold(node, model, kept_for_size)
                 if result is None:
                     continue

@@ -152,3 +152,19 @@ def test_failing_pass_names_itself_the_passes_before_and_the_node() -> None:
         assert info.value.__cause__ is not None
     finally:
         _REGISTRY.pop("test-broken", None)
+
+
+def test_long_steps_report_progress() -> None:
+    nodes = "\n".join(f"  v{i + 1} = Add(v{i}, w)" for i in range(300))
+    proto = parse(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] v0) => (float[2] v300)
+    <float[2] w = {{1.0, 2.0}}>
+    {{
+    {nodes}
+    }}
+    """)
+    seen = []
+    Pipeline.from_names("fold-constants").run(ir.from_proto(proto), on_progress=lambda *a: seen.append(a))
+    assert seen[0] == ("fold-constants", 256, 300, "nodes")
+    assert seen[-1] == ("fold-constants", 300, 300, "nodes")

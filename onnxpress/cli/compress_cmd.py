@@ -74,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             bar.update(1)
 
+    def on_progress(name: str, done: int, total: int, message: str) -> None:
+        bar.set_postfix_str(f"{message} {done}/{total}", refresh=True)
+
     try:
-        records = pipeline.run(model, on_step=on_step)
+        records = pipeline.run(model, on_step=on_step, on_progress=on_progress)
     finally:
         bar.close()
     pack_report = None
