@@ -62,6 +62,9 @@ DEFAULT_LEVEL = 9
 
 #: A sparse candidate is only tried when at least this fraction of elements is zero.
 SPARSE_MIN_ZERO_FRACTION = 0.3
+#: ... and only kept when it is this much smaller than the best dense codec: scattering the
+#: values back is slower than a dense decode, so a marginal gain is not worth it.
+SPARSE_MIN_GAIN = 0.03
 
 _ENTROPY_PARAMS = zstandard.ZstdCompressionParameters(
     window_log=17,
@@ -115,6 +118,8 @@ def _segment(data: bytes | memoryview, level: int) -> bytes:
         return _SEGMENT_HEADER.pack(SEGMENT_ZSTD, len(frame)) + frame
     return _SEGMENT_HEADER.pack(SEGMENT_RAW, len(data)) + bytes(data)
 
+
+_UINT_OF_WIDTH = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 _local = threading.local()
 
@@ -249,7 +254,10 @@ def encode(
             )
             candidates.append(Encoded(CODEC_SPARSE, coded, {"width": width}))
     for candidate in candidates:
-        if len(candidate.data) < len(best.data):
+        size = len(candidate.data)
+        if candidate.codec == CODEC_SPARSE:
+            size = int(size / (1.0 - SPARSE_MIN_GAIN))
+        if size < len(best.data):
             best = candidate
     return best
 
@@ -294,10 +302,21 @@ def decode_array(
             np.frombuffer(mask_bits, dtype=np.uint8), count=count, bitorder="little"
         ).view(bool)
         nnz = int(np.count_nonzero(nonzero))
-        out = np.zeros((count, width), dtype=np.uint8)
-        if nnz:
-            values = np.empty((nnz, width), dtype=np.uint8)
-            _decode_planes_into(values, reader, nnz)
-            out[nonzero] = values
+        element = _UINT_OF_WIDTH.get(width)
+        if element is not None:
+            # A gather is 2-3x faster than numpy's boolean scatter: element i takes value
+            # number cumsum(mask)[i] from [0, v1, v2, ...], which is 0 where the mask is 0.
+            padded = np.zeros(nnz + 1, dtype=element)
+            if nnz:
+                _decode_planes_into(padded[1:].view(np.uint8).reshape(nnz, width), reader, nnz)
+            slot = np.cumsum(nonzero, dtype=np.int64 if nnz >= 2**31 else np.int32)
+            slot *= nonzero
+            out = np.take(padded, slot).view(np.uint8)
+        else:
+            out = np.zeros((count, width), dtype=np.uint8)
+            if nnz:
+                values = np.empty((nnz, width), dtype=np.uint8)
+                _decode_planes_into(values, reader, nnz)
+                out[nonzero] = values
     reader.finish()
     return out.reshape(-1)

@@ -60,8 +60,9 @@ from onnxpress.packing.format import (
 
 logger = logging.getLogger(__name__)
 
-#: Tensors with fewer raw bytes stay in the graph (which is zstd coded as a whole).
-DEFAULT_MIN_TENSOR_BYTES = 256
+#: Tensors with fewer raw bytes stay in the graph (which is zstd coded as a whole): a
+#: member of its own costs a manifest entry, a ZIP header and a decoding task each.
+DEFAULT_MIN_TENSOR_BYTES = 4096
 
 #: Tensors are coded in independent chunks of this many bytes (4 MiB): large enough that
 #: zstd's tables and the sparse mask lose nothing, small enough to decode in parallel.
