@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 #: less room for the graph); above it, sessions stream to a temporary external-data file.
 INLINE_LIMIT_BYTES = 2**31 - 2**27
 
+#: Below this many tensor bytes a container is decoded on the calling thread.
+SERIAL_DECODE_BYTES = 2 << 20
+
 ProgressCallback = Callable[[int, int, str], None]
 
 
@@ -356,6 +359,13 @@ class PackedModel:
         unique = list(first.values())
         workers = max(1, threads or os.cpu_count() or 1)
         decoded: dict[int, bytes | np.ndarray] = {}
+        if workers == 1 or sum(tensors[i].raw_size for i in unique) < SERIAL_DECODE_BYTES:
+            for done, index in enumerate(unique, start=1):  # starting threads would cost more
+                raw = self.tensor_data(index)
+                decoded[index] = raw.tobytes() if as_bytes and not isinstance(raw, bytes) else raw
+                if progress is not None:
+                    progress(done, len(unique), tensors[index].name)
+            return [decoded[first[entry.member]] for entry in tensors]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             single = [i for i in unique if len(tensors[i].chunks) == 1]
             multi = [i for i in unique if len(tensors[i].chunks) != 1]
