@@ -52,11 +52,14 @@ from onnxpress.passes.pruning_common import (
     channel_stats,
     correct_output_means,
     find_weight_layers,
+    input_grams,
     matches,
     parse_ratios,
     ratio_for,
     set_constant,
     take_batches,
+    weight_from_matrix,
+    weight_matrix,
 )
 from onnxpress.passes.registry import register
 
@@ -83,9 +86,10 @@ class PruneMagnitudeConfig:
         "PATTERN=FRACTION entries pinning the tensors whose weight or node name matches the glob; "
         "the other tensors share the rest of the target.",
     )
-    score: Literal["magnitude", "activation"] = option(
+    score: Literal["magnitude", "activation", "sparsegpt"] = option(
         "magnitude",
-        "magnitude: |W|; activation: |W| * ||X|| per input channel from calibration data (Wanda).",
+        "magnitude: |W|; activation: |W| * ||X|| per input channel from calibration data (Wanda); "
+        "sparsegpt: choose and compensate with the inverse input Hessian from calibration data (SparseGPT).",
     )
     granularity: Literal["tensor", "row"] = option(
         "tensor", "Rank weights within the whole tensor, or within each output channel (row)."
@@ -98,6 +102,8 @@ class PruneMagnitudeConfig:
         False, "Restore each pruned layer's per-channel output mean from calibration data."
     )
     calibration_batches: int = option(16, "Most calibration batches read for scores and bias correction.")
+    damping: float = option(0.01, "sparsegpt: damping added to the Hessian's diagonal, relative to its mean.")
+    block_size: int = option(128, "sparsegpt: input columns pruned and compensated together.")
 
     def __post_init__(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -110,6 +116,8 @@ class PruneMagnitudeConfig:
             raise ValueError(f"min_elements must be >= 0, got {self.min_elements}")
         if self.calibration_batches < 1:
             raise ValueError(f"calibration_batches must be >= 1, got {self.calibration_batches}")
+        if self.damping <= 0 or self.block_size < 1:
+            raise ValueError(f"damping must be > 0 and block_size >= 1, got {self.damping} and {self.block_size}")
         if self.pattern is not None:
             n, m = self.pattern_nm
             if self.sparsity is not None and abs(self.sparsity - (1 - n / m)) > 1e-9:
@@ -200,9 +208,9 @@ class PruneMagnitudePass(OnnxpressPass):
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
         cfg = self.config
-        if cfg.score == "activation" and self.calibration is None:
+        if cfg.score != "magnitude" and self.calibration is None:
             raise ir.passes.PreconditionError(
-                "pass 'prune-magnitude' needs calibration data for score=activation: pass --data FILE.npz"
+                f"pass 'prune-magnitude' needs calibration data for score={cfg.score}: pass --data FILE.npz"
             )
         if cfg.bias_correction and self.calibration is None:
             raise ir.passes.PreconditionError(
@@ -239,19 +247,26 @@ class PruneMagnitudePass(OnnxpressPass):
 
         reference = ir.to_proto(model).SerializeToString() if cfg.bias_correction else b""
         batches = []
-        if cfg.score == "activation" or cfg.bias_correction:
+        if cfg.score != "magnitude" or cfg.bias_correction:
             batches = take_batches(self.calibration, model, cfg.calibration_batches)
         scores = self._scores(model, layers, batches)
         counts = self._allocate(layers, scores, target)
+        grams = input_grams(model, layers, batches) if cfg.score == "sparsegpt" else {}
 
         pruned: list[BiasTarget] = []
         total = zeros = 0
         for i, (layer, score) in enumerate(zip(layers, scores, strict=True)):
             self._report(i, len(layers), layer.name)
             array = layer.array()
-            mask = self._mask(layer, score, counts[layer.name])
             before = int(np.count_nonzero(array == 0))
-            new = np.where(mask, np.zeros((), array.dtype), array)
+            new = None
+            if id(layer.node) in grams:
+                new = self._sparsegpt(layer, array, grams[id(layer.node)][0], counts[layer.name])
+            if new is None:
+                mask = self._mask(layer, score, counts[layer.name])
+                new = np.where(mask, np.zeros((), array.dtype), array)
+            else:
+                self._score_used[layer.name] = "sparsegpt"
             after = int(np.count_nonzero(new == 0))
             if after != before:
                 set_constant(layer.weight, new)
@@ -284,7 +299,7 @@ class PruneMagnitudePass(OnnxpressPass):
     ) -> list[np.ndarray]:
         self._score_used: dict[str, str] = {}
         norms: dict[str, np.ndarray] = {}
-        if self.config.score == "activation":
+        if self.config.score != "magnitude":
             requests = {
                 layer.data.name: layer.data_axis
                 for layer in layers
@@ -301,7 +316,7 @@ class PruneMagnitudePass(OnnxpressPass):
             if expanded is not None:
                 score = score * expanded
                 self._score_used[layer.name] = "activation"
-            elif self.config.score == "activation":
+            elif self.config.score != "magnitude":
                 logger.warning("prune-magnitude: no activation norm for %s; ranking it by magnitude", layer.describe())
             scores.append(score)
         return scores
@@ -345,6 +360,65 @@ class PruneMagnitudePass(OnnxpressPass):
             for i in free:
                 counts[layers[i].name] = round(fraction * sizes[layers[i].name])
         return counts
+
+    def _sparsegpt(self, layer: WeightLayer, array: np.ndarray, gram: np.ndarray, count: int) -> np.ndarray | None:
+        """Prunes one tensor with SparseGPT (Frantar & Alistarh, 2023); None when it cannot.
+
+        With ``W`` as ``[out, in]`` and ``H = X^T X + damping * mean(diag H) * I``, the columns
+        are visited in blocks; in each block the weights with the lowest ``w^2 / [H^-1]_jj^2``
+        (the loss increase of removing them, optimal brain surgeon) are zeroed, and as each
+        column is fixed the error it leaves is spread over the columns after it,
+        ``W[:, j:] -= (w_j - q_j) / [U]_jj * U[j, j:]`` with ``U`` the upper Cholesky factor
+        of ``H^-1``. Same selection under N:M (per group of M columns) and per-row granularity.
+        """
+        cfg = self.config
+        if layer.node.op_type == "Conv" and cfg.pattern is not None:
+            return None
+        weight = weight_matrix(layer, array.astype(np.float64)).T.copy()
+        rows, cols = weight.shape
+        if gram.shape != (cols, cols):
+            return None
+        hessian = gram.copy()
+        dead = np.diag(hessian) == 0
+        hessian[dead, dead] = 1.0
+        weight[:, dead] = 0.0
+        hessian[np.diag_indices(cols)] += cfg.damping * float(np.mean(np.diag(hessian)))
+        try:
+            upper = np.linalg.cholesky(np.linalg.inv(hessian)).T
+        except np.linalg.LinAlgError:
+            logger.warning("prune-magnitude: the Hessian of %s is not positive definite; ranking by magnitude", layer.describe())
+            return None
+        fraction = count / array.size
+        n, m = cfg.pattern_nm if cfg.pattern is not None else (0, 0)
+        for start in range(0, cols, cfg.block_size):
+            stop = min(start + cfg.block_size, cols)
+            block = weight[:, start:stop].copy()
+            errors = np.zeros_like(block)
+            diag = np.diag(upper)[start:stop]
+            mask = np.zeros(block.shape, dtype=bool)
+            if not m:
+                loss = np.square(block) / np.square(diag)[None, :]
+                if cfg.granularity == "row":
+                    k = round(fraction * block.shape[1])
+                    np.put_along_axis(mask, np.argsort(loss, axis=1, kind="stable")[:, :k], True, axis=1)
+                else:
+                    mask.reshape(-1)[_lowest(loss, round(fraction * loss.size))] = True
+            for j in range(stop - start):
+                if m and j % m == 0:
+                    group = np.square(block[:, j : j + m]) / np.square(diag[j : j + m])[None, :]
+                    chosen = np.argsort(group, axis=1, kind="stable")[:, : m - n]
+                    sub = np.zeros(group.shape, dtype=bool)
+                    np.put_along_axis(sub, chosen, True, axis=1)
+                    mask[:, j : j + m] = sub
+                column = block[:, j]
+                kept = np.where(mask[:, j], 0.0, column)
+                error = (column - kept) / diag[j]
+                block[:, j:] -= np.outer(error, upper[start + j, start + j : stop])
+                block[:, j] = kept
+                errors[:, j] = error
+            weight[:, start:stop] = block
+            weight[:, stop:] -= errors @ upper[start:stop, stop:]
+        return weight_from_matrix(layer, weight.T, array.shape).astype(array.dtype)
 
     def _mask(self, layer: WeightLayer, score: np.ndarray, count: int) -> np.ndarray:
         """A boolean mask of the weights to zero."""

@@ -493,14 +493,14 @@ def _design(layer: WeightLayer, x: np.ndarray, weight_shape: tuple[int, ...]) ->
     return moved.reshape(-1, moved.shape[-1]).astype(np.float64)
 
 
-def _weight_2d(layer: WeightLayer, weight: np.ndarray) -> np.ndarray:
+def weight_matrix(layer: WeightLayer, weight: np.ndarray) -> np.ndarray:
     """The weight as ``[inputs, outputs]`` (Conv: ``[C*kh*kw, O]``)."""
     if layer.node.op_type == "Conv":
         return weight.reshape(weight.shape[0], -1).T
     return weight if layer.in_axis == 0 else weight.T
 
 
-def _weight_back(layer: WeightLayer, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def weight_from_matrix(layer: WeightLayer, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if layer.node.op_type == "Conv":
         return matrix.T.reshape(shape)
     return matrix if layer.in_axis == 0 else matrix.T
@@ -550,7 +550,7 @@ def reconstruct_outputs(
         layer = target.layer
         weight = layer.array()
         shape = tuple(weight.shape)
-        w0 = _weight_2d(layer, weight).astype(np.float64)
+        w0 = weight_matrix(layer, weight).astype(np.float64)
         rows = w0.shape[0]
         gram = np.zeros((rows + 1, rows + 1))
         cross = np.zeros((rows + 1, w0.shape[1]))
@@ -596,9 +596,51 @@ def reconstruct_outputs(
             old_bias = constant_value(bias)
             assert old_bias is not None
             intercept = intercept + old_bias.numpy().astype(np.float64)
-        set_constant(layer.weight, _weight_back(layer, theta[:rows], shape).astype(weight.dtype))
+        set_constant(layer.weight, weight_from_matrix(layer, theta[:rows], shape).astype(weight.dtype))
         set_constant(bias, intercept.astype(weight.dtype))
         outcome[layer.name] = "refit"
     if fallback:
         outcome.update(correct_output_means(reference, model, fallback, batches))
     return outcome
+
+
+def input_grams(
+    model: ir.Model | bytes, layers: Sequence[WeightLayer], batches: Sequence[dict[str, np.ndarray]]
+) -> dict[int, tuple[np.ndarray, int]]:
+    """``X^T X`` and the row count of each layer's input matrix (see :func:`_design`), by node id.
+
+    Layers reading the same value with the same row layout (Q, K and V of an attention block)
+    share one matrix. Layers outside the main graph, or whose input is not a matrix product
+    (grouped convolutions, ``auto_pad``), are missing from the result.
+    """
+
+    def key_of(layer: WeightLayer) -> tuple[str, str]:
+        signature = str(layer.data_axis)
+        if layer.node.op_type == "Conv":
+            kernel = tuple(layer.weight.const_value.shape[2:])  # type: ignore[union-attr]
+            attrs = sorted((k, repr(v.value)) for k, v in layer.node.attributes.items())
+            signature = f"conv{kernel}{attrs}"
+        return layer.data.name or "", signature
+
+    keys: dict[int, tuple[str, str]] = {}
+    representative: dict[tuple[str, str], WeightLayer] = {}
+    for layer in layers:
+        if isinstance(model, ir.Model) and layer.graph is not model.graph:
+            continue
+        if layer.node.op_type == "Conv" and layer.groups != 1:
+            continue
+        key = key_of(layer)
+        keys[id(layer.node)] = key
+        representative.setdefault(key, layer)
+    grams: dict[tuple[str, str], list] = {}
+    names = sorted({key[0] for key in representative})
+    for values in run_with_outputs(model, names, batches):
+        for key, layer in representative.items():
+            shape = tuple(layer.weight.const_value.shape)  # type: ignore[union-attr]
+            x = _design(layer, values[key[0]], shape)
+            if x is None:
+                continue
+            entry = grams.setdefault(key, [np.zeros((x.shape[1], x.shape[1])), 0])
+            entry[0] += x.T @ x
+            entry[1] += x.shape[0]
+    return {node_id: (grams[key][0], grams[key][1]) for node_id, key in keys.items() if key in grams}
