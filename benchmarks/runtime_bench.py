@@ -178,6 +178,8 @@ def big_file_memory(work: Path, gigabytes: float, threads: int | None, rng: np.r
     seconds = time.perf_counter() - start
     values = [r for _, r in sampler.samples]
     n = len(values)
+    trace = ", ".join(human_bytes(values[i * (n - 1) // 10]) for i in range(11))
+    print(f"RSS at 0%, 10%, ..., 100% of the run: {trace}", file=sys.stderr)
     table = [["input", "rows", "batch", "batch bytes", "RSS before", "RSS 10%", "RSS 50%", "RSS 90%", "RSS peak",
               "peak - before", "seconds"]]
     table.append([human_bytes(path.stat().st_size), str(rows_total), str(batch), human_bytes(batch * row_bytes),

@@ -44,7 +44,7 @@ from onnxpress.errors import InputError
 logger = logging.getLogger(__name__)
 
 #: Memory-mapped inputs are read ahead, and dropped behind, in windows of this many bytes.
-_WINDOW_BYTES = 32 * 1024**2
+_WINDOW_BYTES = 16 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class _RowFile:
 
     The file is memory-mapped (``MADV_SEQUENTIAL``: the kernel reads ahead) and a slice of rows
     is a read-only view of the mapping, which onnxruntime reads in place (no copy). As reads go
-    forward, the pages of rows already read are dropped from the process in windows of 32 MiB
+    forward, the pages of rows already read are dropped from the process in windows of 16 MiB
     (``MADV_DONTNEED``; the page cache keeps them, and a view still held faults them back in),
     so the process's resident memory stays at a window plus a batch however large the file
     is. Dropping costs about what faulting the pages in did (~0.15 s per GB here), which only

@@ -22,17 +22,16 @@ refused instead of mixing outputs of two runs.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -43,7 +42,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "onnxpress-run/1"
 #: Target size of one shard when the caller does not choose ``shard_rows``.
-TARGET_SHARD_BYTES = 64 * 1024**2
+TARGET_SHARD_BYTES = 16 * 1024**2
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -77,33 +76,49 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes bytes to a temporary file beside ``path``, syncs it, and renames it into place."""
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes) -> tuple[int, str]:
+    """Writes a temporary file beside ``path``, syncs it, and renames it into place.
+
+    Args:
+        path: The target.
+        write: The bytes, or a function that writes them to the open file.
+
+    Returns:
+        The size and SHA-256 of what was written (hashed from the file: nothing is held twice).
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "w+b") as f:
+            if isinstance(write, bytes):
+                f.write(write)
+            else:
+                write(f)
             f.flush()
             os.fsync(f.fileno())
+            size = f.tell()
+            f.seek(0)
+            hasher = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+            digest = hasher.hexdigest()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    return size, digest
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+def write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
     """An uncompressed ``.npz`` (loadable by ``numpy.load``) with a fixed timestamp, so it is reproducible."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
             with archive.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
 
 
-def parquet_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+def write_parquet(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
     """A Parquet file, one column per output; rows of more than one element become fixed-size lists.
 
     Each column's per-row shape is kept in the schema metadata (``onnxpress.shapes``) so
@@ -122,9 +137,7 @@ def parquet_bytes(arrays: dict[str, np.ndarray]) -> bytes:
         else:
             columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
     table = pa.table(columns).replace_schema_metadata({"onnxpress.shapes": json.dumps(shapes)})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+    pq.write_table(table, f)
 
 
 def _read_parquet(path: Path) -> dict[str, np.ndarray]:
@@ -283,15 +296,13 @@ class ShardWriter:
         shard = {n: a[:rows] for n, a in arrays.items()}
         rest = {n: a[rows:] for n, a in arrays.items()}
         fmt = self.manifest["output_format"]
-        data = npz_bytes(shard) if fmt == "npz" else parquet_bytes(shard)
+        writer = write_npz if fmt == "npz" else write_parquet
         index = len(self.shards)
         name = f"part-{index:05d}.{fmt}"
-        _atomic_write(self.folder / name, data)
+        size, digest = _atomic_write(self.folder / name, lambda f: writer(f, shard))
+        del arrays, shard
         start = self.rows_done
-        self.shards.append({
-            "file": name, "start": start, "stop": start + rows, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        })
+        self.shards.append({"file": name, "start": start, "stop": start + rows, "bytes": size, "sha256": digest})
         self._write_manifest()
         self.buffer = {n: [a] for n, a in rest.items() if len(a)}
         self.buffered_rows -= rows
