@@ -116,6 +116,45 @@ class NodeError:
 ModelLike = str | os.PathLike[str] | ir.Model
 
 
+def load_value_map(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Reads reference-to-candidate value names from a JSON file.
+
+    The file is either a flat ``{"reference_name": "candidate_name"}`` mapping, or the report
+    of ``onnxpress compress --report``, whose steps may record ``details.renamed`` (old name to
+    new name); the steps' renames are composed in order.
+
+    Raises:
+        InputError: The file is missing, not JSON, or neither shape.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable JSON value map: {exc}") from exc
+    if isinstance(data, dict) and isinstance(data.get("steps"), list):
+        mapping: dict[str, str] = {}
+        for step in data["steps"]:
+            renamed = (step.get("details") or {}).get("renamed") if isinstance(step, dict) else None
+            if not isinstance(renamed, dict):
+                continue
+            carried = set()
+            for ref_name, current in list(mapping.items()):
+                if current in renamed:
+                    mapping[ref_name] = str(renamed[current])
+                    carried.add(current)
+            for old, new in renamed.items():
+                if old not in carried:
+                    mapping.setdefault(str(old), str(new))
+        return mapping
+    if isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        return dict(data)
+    raise InputError(
+        f"{path}: expected {{reference_name: candidate_name}} or a compress report with steps[].details.renamed"
+    )
+
+
 def _as_model(model: ModelLike) -> tuple[ir.Model, bool]:
     """The model as onnx_ir and whether it is our own copy (a path we loaded)."""
     if isinstance(model, ir.Model):

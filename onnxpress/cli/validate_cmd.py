@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from onnxpress.errors import EXIT_VALIDATION_FAILED, InputError
 from onnxpress.recipes import load_recipe
+from onnxpress.runtime.localize import load_value_map
 from onnxpress.runtime.validate import Tolerances, validate
 
 #: Flags that set a tolerance: (flag, Tolerances field, help).
@@ -49,6 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--no-speed", action="store_true", help="do not time the models")
     parser.add_argument("--localize", action="store_true", help="rank nodes by the error they add")
     parser.add_argument("--localize-batches", type=int, default=4, help="batches localization runs (default 4)")
+    parser.add_argument("--value-map", metavar="FILE.json",
+                        help="reference -> candidate value names for localization: a JSON mapping, or a "
+                        "compress --report whose steps record renames")
     parser.add_argument("--report", help="write the JSON report here")
     parser.add_argument("--html", help="write a self-contained HTML report here")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
@@ -109,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             samples=args.samples, tolerances=tolerances, dims=parse_dims(args.dim),
             measure_speed=not args.no_speed, localize=args.localize, threads=args.threads,
             localize_batches=args.localize_batches, progress=progress,
+            value_map=load_value_map(args.value_map) if args.value_map else None,
         )
     finally:
         bar.close()
