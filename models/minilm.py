@@ -175,14 +175,24 @@ def load_torch_model() -> Any:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from transformers import BertModel
+    from transformers.utils import logging as hf_logging
 
-    bert = BertModel.from_pretrained(
-        str(package_model_dir()),
-        local_files_only=True,
-        use_safetensors=True,
-        attn_implementation="eager",
-        add_pooling_layer=False,
-    )
+    # The checkpoint's unused pooler weights make transformers print a load report and a
+    # progress bar; neither is news, so both are turned off for the load.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        bert = BertModel.from_pretrained(
+            str(package_model_dir()),
+            local_files_only=True,
+            use_safetensors=True,
+            attn_implementation="eager",
+            add_pooling_layer=False,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
 
     class MeanPooledMiniLM(torch.nn.Module):
         """BERT encoder followed by mean pooling over the attention mask."""
