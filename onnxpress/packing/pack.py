@@ -37,6 +37,7 @@ import zstandard
 from onnxpress import __version__
 from onnxpress.errors import InputError
 from onnxpress.packing import codecs
+from onnxpress.packing.parallel import bounded_map
 from onnxpress.packing.format import (
     GRAPH_MEMBER,
     MANIFEST_MEMBER,
@@ -67,6 +68,9 @@ DEFAULT_MIN_TENSOR_BYTES = 4096
 #: Tensors are coded in independent chunks of this many bytes (4 MiB): large enough that
 #: zstd's tables and the sparse mask lose nothing, small enough to decode in parallel.
 DEFAULT_CHUNK_BYTES = 1 << 22
+
+#: Members this large are written with ZIP64 headers from the start.
+ZIP64_MEMBER_BYTES = 1 << 31
 
 #: ``progress(done, total, name)`` after each coded chunk.
 ProgressCallback = Callable[[int, int, str], None]
@@ -156,13 +160,15 @@ def pack(
     source_size = len(data)
     del data
 
-    with _ExternalData(source) as external:
+    with _ExternalData(source) as external, contextlib.ExitStack() as stack:
         candidates = _collect(source, proto, external, min_bytes)
         external_files = external.describe()
         if any(not f[1] for f in external_files.values()):
             byte_exact = False
         source_size += sum(size for (size, _, _) in external_files.values())
-        entries, streams = _code_all(candidates, level, threads, progress, chunk_bytes)
+        spool = _Spool(output.parent)
+        stack.callback(spool.close)
+        entries, streams = _code_all(candidates, level, threads, progress, chunk_bytes, spool)
         for cand in candidates:
             if isinstance(cand.data, memoryview):
                 cand.data.release()
@@ -187,7 +193,7 @@ def pack(
             producer=f"onnxpress {__version__}",
             level=level,
         )
-        _write(output, manifest, graph_coded, streams)
+        _write(output, manifest, graph_coded, streams, spool)
     packed_bytes = output.stat().st_size
     report = PackReport(
         source=source,
@@ -197,7 +203,7 @@ def pack(
         tensors=len(entries),
         streams=len(streams),
         raw_bytes=sum(e.raw_size for e in entries),
-        coded_bytes=sum(len(s) for s in streams.values()),
+        coded_bytes=sum(length for spans in streams.values() for _, length in spans),
         graph_bytes=len(graph_coded),
         byte_exact=byte_exact,
         seconds=time.perf_counter() - start,
@@ -356,17 +362,50 @@ def _collect(
     return candidates
 
 
+class _Spool:
+    """Coded chunks parked in a temporary file, so packing a model larger than memory holds
+    only the chunks being coded, never every coded stream at once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.handle = tempfile.TemporaryFile(prefix=".onnxz-spool-", dir=folder)  # noqa: SIM115
+        self.size = 0
+
+    def put(self, data: bytes) -> tuple[int, int]:
+        self.handle.seek(self.size)
+        self.handle.write(data)
+        span = (self.size, len(data))
+        self.size += len(data)
+        return span
+
+    def copy(self, spans: list[tuple[int, int]], out: object) -> None:
+        for offset, length in spans:
+            self.handle.seek(offset)
+            remaining = length
+            while remaining:
+                block = self.handle.read(min(remaining, 1 << 24))
+                out.write(block)  # type: ignore[attr-defined]
+                remaining -= len(block)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def _code_all(
     candidates: list[_Candidate],
     level: int,
     threads: int | None,
     progress: ProgressCallback | None,
     chunk_bytes: int,
-) -> tuple[list[TensorEntry], dict[str, bytes]]:
+    spool: _Spool,
+) -> tuple[list[TensorEntry], dict[str, list[tuple[int, int]]]]:
     """Hashes and codes every distinct tensor, chunk by chunk, in a thread pool.
 
     Each chunk of ``chunk_bytes`` (the last one shorter) is coded on its own with the best
     codec for it, so one large tensor keeps every core busy when it is packed and unpacked.
+    At most a few chunks per thread are in flight; finished ones go to ``spool``.
+
+    Returns:
+        The manifest entries, and per member the spool spans of its chunks, in order.
     """
     workers = max(1, threads or os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -376,39 +415,44 @@ def _code_all(
             cand.sha256 = digest
             first.setdefault((digest, len(cand.data)), index)
         unique = sorted(set(first.values()))
-        futures = {}
-        for i in unique:
-            data = memoryview(candidates[i].data).cast("B")
-            for start in range(0, len(data), chunk_bytes):
-                chunk = data[start : start + chunk_bytes]
-                futures[pool.submit(_encode_chunk, chunk, candidates[i].width, level)] = (i, start)
-        coded: dict[tuple[int, int], tuple[codecs.Encoded, str]] = {}
-        for done, future in enumerate(as_completed(futures), start=1):
-            coded[futures[future]] = future.result()
+        jobs = [
+            (i, start)
+            for i in unique
+            for start in range(0, len(candidates[i].data), chunk_bytes)
+        ]
+
+        def code(job: tuple[int, int]) -> tuple[codecs.Encoded, str]:
+            i, start = job
+            data = memoryview(candidates[i].data).cast("B")[start : start + chunk_bytes]
+            return _encode_chunk(data, candidates[i].width, level)
+
+        coded: dict[tuple[int, int], tuple[Chunk, tuple[int, int]]] = {}
+        for done, (job, (encoded, digest)) in enumerate(
+            zip(jobs, bounded_map(pool, code, jobs, 4 * workers), strict=True), start=1
+        ):
+            i, start = job
+            size = min(chunk_bytes, len(candidates[i].data) - start)
+            chunk = Chunk(encoded.codec, encoded.params, size, len(encoded.data), digest)
+            coded[job] = (chunk, spool.put(encoded.data))
             if progress is not None:
-                progress(done, len(futures), candidates[futures[future][0]].tensor.name)
+                progress(done, len(jobs), candidates[i].tensor.name)
     entries = []
-    streams: dict[str, bytes] = {}
+    streams: dict[str, list[tuple[int, int]]] = {}
     for index, cand in enumerate(candidates):
         owner = first[(cand.sha256, len(cand.data))]
         parts = [coded[(owner, start)] for start in range(0, len(cand.data), chunk_bytes)]
         member = tensor_member(owner)
-        if member not in streams:
-            streams[member] = b"".join(part.data for part, _ in parts)
-        sizes = [min(chunk_bytes, len(cand.data) - start) for start in range(0, len(cand.data), chunk_bytes)]
+        streams[member] = [span for _, span in parts]
         entries.append(
             TensorEntry(
                 name=cand.tensor.name,
                 dtype=dtype_name(cand.tensor.data_type),
                 shape=list(cand.tensor.dims),
                 raw_size=len(cand.data),
-                coded_size=len(streams[member]),
+                coded_size=sum(chunk.coded_size for chunk, _ in parts),
                 sha256=cand.sha256,
                 member=member,
-                chunks=[
-                    Chunk(part.codec, part.params, size, len(part.data), digest)
-                    for (part, digest), size in zip(parts, sizes, strict=True)
-                ],
+                chunks=[chunk for chunk, _ in parts],
                 external=cand.external,
             )
         )
@@ -420,7 +464,13 @@ def _encode_chunk(data: memoryview, width: int, level: int) -> tuple[codecs.Enco
     return codecs.encode(data, width, level), hashlib.sha256(data).hexdigest()
 
 
-def _write(output: Path, manifest: Manifest, graph: bytes, streams: dict[str, bytes]) -> None:
+def _write(
+    output: Path,
+    manifest: Manifest,
+    graph: bytes,
+    streams: dict[str, list[tuple[int, int]]],
+    spool: _Spool,
+) -> None:
     """Writes the ZIP of stored members into a temporary file and renames it into place."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
     tmp = Path(tmp_name)
@@ -431,8 +481,11 @@ def _write(output: Path, manifest: Manifest, graph: bytes, streams: dict[str, by
             for name, payload in [(MANIFEST_MEMBER, manifest.to_json()), (GRAPH_MEMBER, graph)]:
                 archive.writestr(zipfile.ZipInfo(name, ZIP_DATE_TIME), payload)
             for name in sorted(streams):
+                size = sum(length for _, length in streams[name])
                 info = zipfile.ZipInfo(name, ZIP_DATE_TIME)
-                archive.writestr(info, streams[name])
+                info.file_size = size
+                with archive.open(info, "w", force_zip64=size >= ZIP64_MEMBER_BYTES) as member:
+                    spool.copy(streams[name], member)
         publish(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +57,7 @@ from onnxpress.packing.format import (
     publish,
 )
 from onnxpress.packing.limits import DEFAULT_LIMITS, Limits
+from onnxpress.packing.parallel import bounded_map
 
 logger = logging.getLogger(__name__)
 
@@ -518,8 +519,8 @@ def _stream_to_external(
         handle.truncate(offset)
         workers = max(1, threads or os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            # map() keeps at most `workers` decoded tensors waiting beyond the one written.
-            for index, raw in enumerate(pool.map(packed.tensor_bytes, range(len(tensors)))):
+            indices = list(range(len(tensors)))
+            for index, raw in enumerate(bounded_map(pool, packed.tensor_bytes, indices, 2 * workers)):
                 os.pwrite(handle.fileno(), raw, offsets[index])
     for tensor in iter_tensor_protos(proto):
         index = marker_index(tensor)
@@ -642,7 +643,8 @@ def _write_tensors(
     handles = {path: open(tmp, "r+b") for path, tmp in tmp_files.items()}  # noqa: SIM115
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for index, raw in enumerate(pool.map(packed.tensor_bytes, range(len(tensors)))):
+            indices = list(range(len(tensors)))
+            for index, raw in enumerate(bounded_map(pool, packed.tensor_bytes, indices, 2 * workers)):
                 entry = tensors[index]
                 if entry.external is None:
                     inline[index] = raw
