@@ -317,6 +317,15 @@ def _nearest_shared(value: ir.Value, shared: set[str], cache: dict[str, list[str
     return result
 
 
+def _sum_squares(array: np.ndarray) -> float:
+    """Sum of squares accumulated in float64 (no float64 copy of the array)."""
+    flat = array.reshape(-1)
+    if flat.dtype not in (np.float32, np.float64):
+        flat = flat.astype(np.float32)
+    total = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    return total if np.isfinite(total) else float("inf")
+
+
 def localize(
     reference: ModelLike,
     candidate: ModelLike,
@@ -325,6 +334,7 @@ def localize(
     top: int | None = None,
     value_map: Mapping[str, str] | None = None,
     max_batches: int = 4,
+    rows_per_run: int = 8,
 ) -> list[NodeError]:
     """Ranks the reference's nodes by the error the candidate adds at each of them.
 
@@ -336,6 +346,9 @@ def localize(
         top: Return only the ``top`` worst nodes (all when None).
         value_map: Reference value name -> candidate value name, for values a pass renamed.
         max_batches: How many batches to run.
+        rows_per_run: Each batch runs in slices of this many rows (not for a fixed batch
+            size): every shared intermediate of a slice is held at once, which for a
+            transformer is hundreds of activations.
 
     Returns:
         One :class:`NodeError` per reference node with a shared output, largest
@@ -372,9 +385,8 @@ def localize(
         own_noise = dict.fromkeys(ref_names, 0.0)
         skipped: set[str] = set()
         runs = 0
-        for feeds in batches:
-            if runs >= max_batches:
-                break
+
+        def _accumulate(feeds: Mapping[str, np.ndarray]) -> None:
             ref_vals = dict(zip(ref_names, ref_session.run(ref_names, {k: feeds[k] for k in ref_inputs}), strict=True))
             cand_vals = cand_session.run(cand_names, {k: feeds[k] for k in cand_inputs})
             exact = {k: feeds[k] for k in cand_inputs}
@@ -391,10 +403,18 @@ def localize(
                 if r.shape != c.shape or r.shape != ci.shape:
                     skipped.add(name)
                     continue
-                r64 = r.astype(np.float64, copy=False)
-                signal[name] += float(np.square(r64).sum())
-                noise[name] += float(np.square(r64 - c.astype(np.float64, copy=False)).sum())
-                own_noise[name] += float(np.square(r64 - ci.astype(np.float64, copy=False)).sum())
+                signal[name] += _sum_squares(r)
+                noise[name] += _sum_squares(r - c.astype(r.dtype, copy=False))
+                own_noise[name] += _sum_squares(r - ci.astype(r.dtype, copy=False))
+        fixed_batch = any(isinstance(i.shape[0], int) for i in ref_session.get_inputs() if i.shape)
+        for batch in batches:
+            if runs >= max_batches:
+                break
+            rows = len(next(iter(batch.values())))
+            step = rows if fixed_batch else max(1, rows_per_run)
+            for lo in range(0, rows, step):
+                feeds = {k: v[lo:lo + step] for k, v in batch.items()} if step < rows else batch
+                _accumulate(feeds)
             runs += 1
         if runs == 0:
             raise InputError("localization needs at least one input batch")
