@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--level", type=int, default=DEFAULT_LEVEL, metavar="N",
         help=f"zstd level 1 (fast) .. 22 (smallest) (default {DEFAULT_LEVEL})",
     )
-    parser.add_argument("--threads", type=int, metavar="N", help="tensors coded at once (default: all cores)")
+    parser.add_argument("--threads", type=int, metavar="N", help="chunks coded at once (default: all cores)")
     parser.add_argument(
         "--min-bytes", type=int, default=DEFAULT_MIN_TENSOR_BYTES, metavar="N",
         help=f"tensors smaller than this stay in the graph (default {DEFAULT_MIN_TENSOR_BYTES})",

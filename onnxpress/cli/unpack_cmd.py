@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("model", help="the .onnxz file")
     parser.add_argument("-o", "--output", help="the .onnx to write (default: MODEL with suffix .onnx)")
-    parser.add_argument("--threads", type=int, metavar="N", help="tensors decoded at once (default: all cores)")
+    parser.add_argument("--threads", type=int, metavar="N", help="chunks decoded at once (default: all cores)")
     parser.add_argument("--force", action="store_true", help="replace outputs that exist")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     add_limit_arguments(parser)
