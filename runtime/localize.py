@@ -317,6 +317,12 @@ def _nearest_shared(value: ir.Value, shared: set[str], cache: dict[str, list[str
     return result
 
 
+def _as_type(array: np.ndarray, ort_type: str) -> np.ndarray:
+    """The array in the dtype an onnxruntime input declares (a float16 model gets float16)."""
+    dtype = ORT_DTYPES.get(ort_type)
+    return array if dtype is None or array.dtype == dtype else array.astype(dtype)
+
+
 def _sum_squares(array: np.ndarray) -> float:
     """Sum of squares accumulated in float64 (no float64 copy of the array)."""
     flat = array.reshape(-1)
@@ -380,6 +386,8 @@ def localize(
         ref_inputs = [i.name for i in ref_session.get_inputs()]
         cand_inputs = [i.name for i in cand_session.get_inputs()]
         iso_types = {i.name: i.type for i in iso_session.get_inputs()}
+        ref_types = {i.name: i.type for i in ref_session.get_inputs()}
+        cand_types = {i.name: i.type for i in cand_session.get_inputs()}
         signal = dict.fromkeys(ref_names, 0.0)
         noise = dict.fromkeys(ref_names, 0.0)
         own_noise = dict.fromkeys(ref_names, 0.0)
@@ -387,13 +395,14 @@ def localize(
         runs = 0
 
         def _accumulate(feeds: Mapping[str, np.ndarray]) -> None:
-            ref_vals = dict(zip(ref_names, ref_session.run(ref_names, {k: feeds[k] for k in ref_inputs}), strict=True))
-            cand_vals = cand_session.run(cand_names, {k: feeds[k] for k in cand_inputs})
-            exact = {k: feeds[k] for k in cand_inputs}
+            ref_feeds = {k: _as_type(feeds[k], ref_types[k]) for k in ref_inputs}
+            ref_vals = dict(zip(ref_names, ref_session.run(ref_names, ref_feeds), strict=True))
+            cand_feeds = {k: _as_type(feeds[k], cand_types[k]) for k in cand_inputs}
+            cand_vals = cand_session.run(cand_names, cand_feeds)
+            exact = dict(cand_feeds)
             for ref_name, cand_name in pairs.items():
                 if cand_name in iso_feeds:
-                    dtype = ORT_DTYPES.get(iso_types[iso_feeds[cand_name]], ref_vals[ref_name].dtype)
-                    exact[iso_feeds[cand_name]] = ref_vals[ref_name].astype(dtype, copy=False)
+                    exact[iso_feeds[cand_name]] = _as_type(ref_vals[ref_name], iso_types[iso_feeds[cand_name]])
             try:
                 iso_vals = iso_session.run(cand_names, exact)
             except Exception as exc:  # a shape the candidate cannot take from the reference

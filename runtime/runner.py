@@ -85,13 +85,18 @@ def input_specs(session: ort.InferenceSession) -> list[InputSpec]:
     return specs
 
 
-def check_source(specs: Sequence[InputSpec], source_specs: Mapping[str, Any], where: str) -> dict[str, int]:
+def check_source(
+    specs: Sequence[InputSpec], source_specs: Mapping[str, Any], where: str, *, casting: str = "safe"
+) -> dict[str, int]:
     """Checks data arrays against the model's inputs and binds the symbolic dimensions.
 
     Args:
         specs: The model's inputs.
         source_specs: ``{name: ArraySpec}`` of the data (``dtype`` and ``row_shape``).
         where: What the data is, for messages (a path).
+        casting: Which dtype conversions are accepted (numpy's ``can_cast`` rule): ``"safe"``
+            (int32 into int64) for running; ``"same_kind"`` lets a float16 model validate
+            on the float32 data of its reference.
 
     Returns:
         ``{dim_name: value}`` for the named dimensions after the first.
@@ -109,7 +114,7 @@ def check_source(specs: Sequence[InputSpec], source_specs: Mapping[str, Any], wh
     bound: dict[str, tuple[int, str]] = {}
     for spec in specs:
         data = source_specs[spec.name]
-        if data.dtype != spec.dtype and not np.can_cast(data.dtype, spec.dtype, "safe"):
+        if data.dtype != spec.dtype and not np.can_cast(data.dtype, spec.dtype, casting):
             raise InputError(
                 f"{where}: input {spec.name!r} is {data.dtype}, but the model expects {spec.dtype} "
                 f"({spec.describe()}); convert it (e.g. array.astype(np.{spec.dtype.name}))"
@@ -200,9 +205,9 @@ class BatchRunner:
     def input_names(self) -> list[str]:
         return [s.name for s in self.inputs]
 
-    def check(self, source: InputSource) -> dict[str, int]:
+    def check(self, source: InputSource, *, casting: str = "safe") -> dict[str, int]:
         """Checks a source against the model's inputs; see :func:`check_source`."""
-        return check_source(self.inputs, source.specs, str(source.path))
+        return check_source(self.inputs, source.specs, str(source.path), casting=casting)
 
     def run_batch(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs one batch, padding it to a fixed batch size and trimming the outputs back."""

@@ -475,8 +475,8 @@ def validate(
         )
     source, data_label = _open_data(data, ref_runner, samples, dims, warnings)
     try:
-        ref_runner.check(source)
-        cand_runner.check(source)
+        ref_runner.check(source, casting="same_kind")
+        cand_runner.check(source, casting="same_kind")
         rows = source.num_rows if samples is None else min(samples, source.num_rows)
         if rows == 0:
             raise InputError(f"{data_label}: no samples to validate on")

@@ -279,3 +279,25 @@ def test_artifact_size_counts_external_data(pair: tuple[Path, Path, dict], tmp_p
     assert artifact_bytes(external) == external.stat().st_size + data.stat().st_size
     report = validate(ref, external, data={"x": np.ones((4, 16), np.float32)}, measure_speed=False)
     assert report.candidate.size_bytes == artifact_bytes(external) and report.outputs["logits"].max_abs_error == 0
+
+
+def test_float16_candidate_validates_on_float32_data(pair: tuple[Path, Path, dict], tmp_path: Path,
+                                                     rng: np.random.Generator) -> None:
+    ref, _, weights = pair
+    proto = onnx.parser.parse_model(MLP.replace("float[", "float16["))
+    for name, array in weights.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(array.astype(np.float16), name))
+    half = tmp_path / "half.onnx"
+    onnx.save(proto, half)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    report = validate(ref, half, data={"x": x}, measure_speed=False, localize=True)
+    expected = run_ort(proto, {"x": x.astype(np.float16)})[0].astype(np.float32)
+    reference = run_ort(onnx.load(ref), {"x": x})[0]
+    assert report.outputs["logits"].max_abs_error == pytest.approx(np.abs(reference - expected).max(), rel=1e-6)
+    assert 0.999 < report.outputs["logits"].mean_cosine < 1.0 and report.passed
+    assert {e.node for e in report.localization} >= {"mm1", "mm4"}
+    with pytest.raises(InputError, match="is float32, but the model expects float16"):
+        from onnxpress.runtime import BatchRunner
+
+        np.savez(tmp_path / "x.npz", x=x)
+        BatchRunner(half).run(tmp_path / "x.npz", tmp_path / "out")
