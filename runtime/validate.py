@@ -457,6 +457,10 @@ def validate(
             the labels do not match the data.
     """
     began = time.perf_counter()
+    if samples is not None and samples < 1:
+        raise InputError(f"samples must be at least 1, got {samples}")
+    if speed_repeats < 1 or localize_batches < 1:
+        raise InputError("speed repeats and localization batches must be at least 1")
     tolerances = tolerances or Tolerances()
     warnings: list[str] = []
     ref_runner = BatchRunner(reference, batch_size=batch_size, threads=threads)
