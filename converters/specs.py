@@ -64,6 +64,8 @@ class Dim:
 
     size: int
     name: str | None = None
+    #: Whether the size was written (``seq=64``) rather than defaulted.
+    explicit: bool = dataclasses.field(default=True, compare=False)
 
     @property
     def dynamic(self) -> bool:
@@ -122,7 +124,7 @@ class InputSpec:
                         dims.append(Dim(size))
                 else:
                     default = 2 if index == 0 else DEFAULT_DYNAMIC_SIZE
-                    dims.append(Dim(int(example) if example else default, dim_name))
+                    dims.append(Dim(int(example) if example else default, dim_name, bool(example)))
         low = high = None
         if len(parts) == 4:
             bounds = re.match(r"^(-?\d+)\.\.(-?\d+)$", parts[3])
@@ -164,6 +166,15 @@ class InputSpec:
 def parse_inputs(texts: Sequence[str], *, static_batch: bool = False) -> list[InputSpec]:
     """Parses every ``--input`` and checks names are unique and shared dims agree."""
     specs = [InputSpec.parse(t, static_batch=static_batch) for t in texts]
+    # A dimension sized in one input (seq=64) has that size wherever it is named.
+    written = {d.name: d.size for s in specs for d in s.dims if d.dynamic and d.explicit}
+    specs = [
+        dataclasses.replace(s, dims=tuple(
+            Dim(written[d.name], d.name, True) if d.dynamic and not d.explicit and d.name in written else d
+            for d in s.dims
+        ))
+        for s in specs
+    ]
     seen: set[str] = set()
     sizes: dict[str, int] = {}
     for spec in specs:

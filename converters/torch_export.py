@@ -148,9 +148,10 @@ def from_torch(
 
     example = _export_example(specs, data, example_inputs, seed)
     args, kwargs = _to_torch_args(specs, example, by_name)
-    n_outputs = _dry_run(module, args, kwargs, specs, signature)
+    structure_names = _dry_run(module, args, kwargs, specs, signature)
+    n_outputs = len(structure_names)
     if not output_names:
-        output_names = default_output_names(n_outputs)
+        output_names = structure_names
     elif len(output_names) != n_outputs:
         raise InputError(
             f"{len(output_names)} output name(s) given ({', '.join(output_names)}) but the "
@@ -218,11 +219,12 @@ class _Signature:
     """The forward arguments: names, which are required, and whether ``*args`` is taken."""
 
     def __init__(self, names: list[str], required: int, var_positional: bool,
-                 keyword_only: list[str]) -> None:
+                 keyword_only: list[str], var_name: str = "args") -> None:
         self.names = names
         self.required = required
         self.var_positional = var_positional
         self.keyword_only = keyword_only
+        self.var_name = var_name
 
     def describe(self) -> str:
         parts = [n if i < self.required else f"{n}=optional" for i, n in enumerate(self.names)]
@@ -242,6 +244,7 @@ def _forward_signature(module: Any, names: list[str] | None) -> _Signature:
     positional, keyword_only = [], []
     required = 0
     var_positional = False
+    var_name = "args"
     for p in sig.parameters.values():
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
             positional.append(p.name)
@@ -249,9 +252,10 @@ def _forward_signature(module: Any, names: list[str] | None) -> _Signature:
                 required += 1
         elif p.kind == p.VAR_POSITIONAL:
             var_positional = True
+            var_name = p.name
         elif p.kind == p.KEYWORD_ONLY:
             keyword_only.append(p.name)
-    return _Signature(positional, required, var_positional, keyword_only)
+    return _Signature(positional, required, var_positional, keyword_only, var_name)
 
 
 def _program_input_names(program: Any) -> list[str]:
@@ -413,13 +417,13 @@ def _to_torch_args(
 
 
 def _dry_run(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-             specs: list[InputSpec], signature: _Signature) -> int:
-    """Runs the module once so inputs that do not fit fail clearly; returns the output count."""
+             specs: list[InputSpec], signature: _Signature) -> list[str]:
+    """Runs the module once so inputs that do not fit fail clearly; returns output names."""
     import torch
 
     try:
         with torch.no_grad():
-            return len(_flatten_outputs(module(*args, **kwargs)))
+            return _output_names(module(*args, **kwargs))
     except Exception as exc:
         described = ", ".join(str(s) for s in specs)
         raise InputError(
@@ -439,6 +443,31 @@ def _flatten_outputs(out: Any) -> list[np.ndarray]:
         for leaf in leaves
         if leaf is not None
     ]
+
+
+def _output_names(out: Any) -> list[str]:
+    """Names for the flattened outputs: dict keys (``a_b`` when nested), else ``output_N``.
+
+    A single tensor is ``output``; a dict or ``ModelOutput`` gives its keys, so a Hugging
+    Face model's output is ``last_hidden_state`` rather than ``output_0``.
+    """
+    import torch
+    import torch.utils._pytree as pytree
+
+    leaves = [
+        (path, leaf) for path, leaf in pytree.tree_flatten_with_path(out)[0] if leaf is not None
+    ]
+    if not leaves:
+        return []
+    names: list[str] = []
+    for path, _ in leaves:
+        keys = [str(k.key) for k in path if hasattr(k, "key")]
+        names.append("_".join(keys))
+    if all(names) and len(set(names)) == len(names) and all(
+        isinstance(leaf, torch.Tensor) for _, leaf in leaves
+    ):
+        return names
+    return default_output_names(len(leaves))
 
 
 def _dim_objects(specs: list[InputSpec]) -> dict[str, Any]:
@@ -472,7 +501,9 @@ def _export(
     dynamo_error: Exception | None = None
     if exporter in ("auto", "dynamo"):
         try:
-            model = _export_dynamo(target, args, kwargs, specs, names, output_names, opset, by_name)
+            model = _export_dynamo(
+                target, args, kwargs, specs, names, output_names, opset, by_name, signature
+            )
             return model, "torch.onnx dynamo", "the dynamo exporter (torch.export) succeeded, so the TorchScript fallback was not needed"
         except Exception as exc:  # the exporter raises many types
             dynamo_error = exc
@@ -518,6 +549,7 @@ def _export_dynamo(
     output_names: Sequence[str] | None,
     opset: int | None,
     by_name: bool,
+    signature: _Signature,
 ) -> ir.Model:
     import torch
 
@@ -528,6 +560,11 @@ def _export_dynamo(
     ]
     if by_name:
         dynamic_shapes: Any = {s.name: shape for s, shape in zip(specs, shapes, strict=True)}
+    elif signature.var_positional and len(shapes) > len(signature.names):
+        # forward(self, a, *rest): torch.export wants the extra inputs grouped under *rest.
+        named = len(signature.names)
+        dynamic_shapes = {n: shape for n, shape in zip(signature.names, shapes[:named], strict=False)}
+        dynamic_shapes[signature.var_name] = tuple(shapes[named:])
     else:
         dynamic_shapes = tuple(shapes)
     if not any(shapes):
