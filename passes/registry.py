@@ -16,6 +16,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "fold_constants",
     "dedup_constants",
     "cse",
+    "quantize_int8_dynamic",
     "prune_magnitude",
     "prune_channels",
 )
