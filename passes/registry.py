@@ -17,6 +17,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "dedup_constants",
     "cse",
     "quantize_int8_dynamic",
+    "quantize_int8_static",
     "prune_magnitude",
     "prune_channels",
 )

@@ -1,0 +1,176 @@
+r"""quantize-int8-static: QDQ int8 with activation ranges calibrated on real batches.
+
+onnxruntime's quantizer does the work (``QDQQuantizer``, the calibrators of
+``onnxruntime.quantization.calibrate``): it is the reference implementation of QDQ placement
+for onnxruntime's kernels. Each activation ``x`` gets a range ``[a, b]`` from the calibration
+batches and becomes ``DequantizeLinear(QuantizeLinear(x))`` with
+
+.. math::
+
+    s = (b - a) / 255, \quad z = \mathrm{round}(-a / s), \quad
+    \hat x = (\mathrm{clip}(\mathrm{round}(x / s) + z, 0, 255) - z) \cdot s
+
+(uint8 activations; weights are symmetric int8, per output channel by default). The range
+comes from ``minmax`` (the extremes seen), ``percentile`` (the ``percentile``-th percentile of
+``|x|``, which ignores rare outliers) or ``entropy`` (the clipping threshold that minimizes the
+KL divergence between the float and the quantized histograms).
+
+What this pass fixes around onnxruntime's entry point ``quantize_static``:
+
+* Bounded memory. ``quantize_static`` hands the whole data reader to the calibrator, which
+  keeps every intermediate tensor of every batch until the end (the histogram calibrators have
+  no limit at all): a transformer's activations for a few hundred samples exhaust memory. Here
+  the calibrator is fed one batch per ``collect_data`` call; the min/max calibrator merges
+  ranges and the histogram calibrators merge histograms between calls, so memory stays at one
+  batch of intermediates whatever the number of batches.
+* Pre-processing. ``quant_pre_process`` runs symbolic shape inference, which fails on MiniLM;
+  only onnx's shape inference runs here.
+* Data checks. Every batch is checked against the model's inputs first, with an error naming
+  the input (onnxruntime fails deep inside the calibration session).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpress.calibration import checked_batches
+from onnxpress.passes.base import Needs, OnnxpressPass, option
+from onnxpress.passes.quant_common import NodeFilter, adopt, check_exclusions, load_for_adopt, to_proto_file
+from onnxpress.passes.registry import register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeInt8StaticConfig:
+    """Options of quantize-int8-static."""
+
+    method: Literal["minmax", "percentile", "entropy"] = option("minmax", "how activation ranges are calibrated")
+    percentile: float = option(99.999, "with method percentile: the percentile of |x| kept in range")
+    per_channel: bool = option(True, "one weight scale per output channel")
+    reduce_range: bool = option(False, "7-bit weights (for x86 CPUs without VNNI, where u8s8 can saturate)")
+    activation_type: Literal["uint8", "int8"] = option("uint8", "activation integer type")
+    op_types: tuple[str, ...] = option((), "op types to quantize (empty: every type onnxruntime's QDQ quantizer knows)")
+    exclude_nodes: tuple[str, ...] = option((), "node names or globs to keep in float")
+    exclude_op_types: tuple[str, ...] = option((), "op types to keep in float")
+    max_batches: int = option(0, "calibrate on at most this many batches (0: all)")
+    auto_exclude: bool = option(False, "keep the most harmful nodes in float until target_cosine is met")
+    target_cosine: float = option(0.995, "auto_exclude's goal: mean cosine of every float output")
+    max_excluded: int = option(12, "auto_exclude keeps at most this many nodes in float")
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be within (50, 100], got {self.percentile}")
+        if self.max_batches < 0 or self.max_excluded < 0:
+            raise ValueError("max_batches and max_excluded must be >= 0")
+        if not 0.0 < self.target_cosine <= 1.0:
+            raise ValueError(f"target_cosine must be within (0, 1], got {self.target_cosine}")
+
+
+class _OneBatch:
+    """An onnxruntime CalibrationDataReader that yields a single batch."""
+
+    def __init__(self, batch: dict[str, np.ndarray]) -> None:
+        self._batch: dict[str, np.ndarray] | None = batch
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch, self._batch = self._batch, None
+        return batch
+
+
+def quantize_static_int8(
+    model: ir.Model,
+    batches,
+    config: QuantizeInt8StaticConfig,
+    node_filter: NodeFilter,
+    progress=None,
+) -> tuple[ir.Model, int]:
+    """A QDQ-quantized copy of ``model`` and the number of batches calibrated on."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[config.method]
+    op_types = list(config.op_types) or sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
+    excluded = node_filter.excluded_names(model)
+    # onnxruntime's calibrators print progress to stdout; library code must not.
+    with tempfile.TemporaryDirectory(prefix="onnxpress-static-") as folder, contextlib.redirect_stdout(io.StringIO()):
+        source = to_proto_file(model, folder)
+        calib_options = {"percentile": config.percentile} if config.method == "percentile" else {}
+        calibrator = create_calibrator(
+            source, op_types, augmented_model_path=str(Path(folder) / "augmented.onnx"),
+            calibrate_method=method, use_external_data_format=source.with_suffix(".onnx.data").exists(),
+            providers=["CPUExecutionProvider"], extra_options=calib_options,
+        )
+        count = 0
+        for batch in checked_batches(model, batches):
+            calibrator.collect_data(_OneBatch(batch))  # one batch of intermediates at a time
+            count += 1
+            if progress is not None:
+                progress(count, config.max_batches or 0, f"calibrated batch {count}")
+            if config.max_batches and count >= config.max_batches:
+                break
+        ranges = calibrator.compute_data()
+        del calibrator
+        proto = load_model_with_shape_infer(source)
+        activation = QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8
+        quantizer = QDQQuantizer(
+            proto, config.per_channel, config.reduce_range, QuantType.QInt8, activation, ranges,
+            [], excluded, op_types, {"ActivationSymmetric": config.activation_type == "int8"},
+        )
+        quantizer.quantize_model()
+        out = Path(folder) / "quantized.onnx"
+        large = source.with_suffix(".onnx.data").exists()
+        quantizer.model.save_model_to_file(str(out), large)
+        return load_for_adopt(out), count
+
+
+@register
+class QuantizeInt8StaticPass(OnnxpressPass):
+    """QDQ int8 calibrated on real batches (minmax, percentile or entropy), in bounded memory."""
+
+    name = "quantize-int8-static"
+    Config = QuantizeInt8StaticConfig
+    needs = Needs(calibration=True, min_opset=10)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        config: QuantizeInt8StaticConfig = self.config
+        node_filter = NodeFilter(config.exclude_nodes, config.exclude_op_types)
+        check_exclusions(model, node_filter, self.name)
+        auto: dict = {}
+        if config.auto_exclude:
+            from onnxpress.passes.auto_exclude import auto_exclude
+
+            sample = []
+            for batch in checked_batches(model, self.calibration):
+                sample.append(batch)
+                if len(sample) >= 4:
+                    break
+            node_filter, auto = auto_exclude(
+                model, node_filter, sample,
+                lambda m, f: quantize_static_int8(m, self.calibration, config, f)[0],
+                target_cosine=config.target_cosine, max_excluded=config.max_excluded,
+                quantizable=lambda n: not n.op_type.endswith("QuantizeLinear"), progress=self._report,
+            )
+        quantized, count = quantize_static_int8(model, self.calibration, config, node_filter, self._report)
+        adopt(model, quantized)
+        qdq = sum(1 for n in model.graph if n.op_type == "QuantizeLinear")
+        self.details = {
+            "method": config.method, "batches": count, "quantize_linear_nodes": qdq,
+            "kept_float": node_filter.excluded_names(model),
+        } | ({"auto_exclude": auto} if auto else {})
+        logger.info("quantize-int8-static: %d QuantizeLinear nodes, calibrated (%s) on %d batches",
+                    qdq, config.method, count)
+        return ir.passes.PassResult(model, modified=qdq > 0)
