@@ -652,9 +652,16 @@ def _describe_keras(inputs: list[tuple[str, list[int | None], str]]) -> str:
 
 
 def _keras_output_names(model: Any) -> list[str] | None:
+    """Layer names of a functional model's outputs, listed in the order it returns them.
+
+    A model that returns a dict is left to the dict's keys (in ``tf.nest`` order), which is
+    also the order of the ONNX outputs.
+    """
     names = getattr(model, "output_names", None)
     try:
         outputs = model.outputs
+        if isinstance(model.output, Mapping):
+            return None
     except (AttributeError, ValueError):
         return None
     if names and outputs and len(names) == len(outputs) and len(set(names)) == len(names):
