@@ -315,10 +315,12 @@ class PackedModel:
             )
         return raw
 
-    def tensor_data(self, index: int) -> np.ndarray | bytes:
+    def tensor_data(self, index: int, *, whole_digest: bool = True) -> np.ndarray | bytes:
         """Decodes tensor ``index`` (a fresh buffer) and checks its sha256; errors name it.
 
-        Every chunk's sha256 is checked as it is decoded, then the tensor's.
+        Every chunk's sha256 is checked as it is decoded; with ``whole_digest`` the tensor's
+        own sha256 is checked too (the chunk digests already cover every byte, so this is
+        a second, independent check of the manifest's tensor digest).
         """
         entry = self.manifest.tensors[index]
         if len(entry.chunks) == 1:  # its one chunk's sha256 is the tensor's (checked on read)
@@ -326,7 +328,7 @@ class PackedModel:
         out = np.empty(entry.raw_size, dtype=np.uint8)
         for j in range(len(entry.chunks)):
             self._decode_chunk(index, j, out)
-        return self._verify(index, out)
+        return self._verify(index, out) if whole_digest else out
 
     def tensor_bytes(self, index: int) -> bytes:
         """Tensor ``index`` as ``bytes`` (see :meth:`tensor_data`)."""
@@ -362,7 +364,7 @@ class PackedModel:
         decoded: dict[int, bytes | np.ndarray] = {}
         if workers == 1 or sum(tensors[i].raw_size for i in unique) < SERIAL_DECODE_BYTES:
             for done, index in enumerate(unique, start=1):  # starting threads would cost more
-                raw = self.tensor_data(index)
+                raw = self.tensor_data(index, whole_digest=False)
                 decoded[index] = raw.tobytes() if as_bytes and not isinstance(raw, bytes) else raw
                 if progress is not None:
                     progress(done, len(unique), tensors[index].name)
