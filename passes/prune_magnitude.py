@@ -104,6 +104,9 @@ class PruneMagnitudeConfig:
     calibration_batches: int = option(16, "Most calibration batches read for scores and bias correction.")
     damping: float = option(0.01, "sparsegpt: damping added to the Hessian's diagonal, relative to its mean.")
     block_size: int = option(128, "sparsegpt: input columns pruned and compensated together.")
+    sequential: bool = option(
+        True, "sparsegpt: read each layer's inputs from the model as pruned so far (one more run per input)."
+    )
 
     def __post_init__(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -251,7 +254,8 @@ class PruneMagnitudePass(OnnxpressPass):
             batches = take_batches(self.calibration, model, cfg.calibration_batches)
         scores = self._scores(model, layers, batches)
         counts = self._allocate(layers, scores, target)
-        grams = input_grams(model, layers, batches) if cfg.score == "sparsegpt" else {}
+        sequential = cfg.score == "sparsegpt" and cfg.sequential
+        grams = input_grams(model, layers, batches) if cfg.score == "sparsegpt" and not sequential else {}
 
         pruned: list[BiasTarget] = []
         total = zeros = 0
@@ -260,6 +264,9 @@ class PruneMagnitudePass(OnnxpressPass):
             array = layer.array()
             before = int(np.count_nonzero(array == 0))
             new = None
+            if sequential and id(layer.node) not in grams and layer.graph is model.graph:
+                readers = [other for other in layers[i:] if other.data is layer.data]
+                grams.update(input_grams(model, readers, batches))
             if id(layer.node) in grams:
                 new = self._sparsegpt(layer, array, grams[id(layer.node)][0], counts[layer.name])
             if new is None:

@@ -16,7 +16,7 @@ from onnxpress import __version__
 from onnxpress.errors import EXIT_USAGE, OnnxpressError
 
 #: Subcommand modules under onnxpress.cli, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("convert_cmd", "inspect_cmd", "passes_cmd", "compress_cmd", "run_cmd", "validate_cmd", "pack_cmd", "unpack_cmd")
+COMMANDS: tuple[str, ...] = ("convert_cmd", "inspect_cmd", "passes_cmd", "compress_cmd", "run_cmd", "validate_cmd", "pack_cmd", "unpack_cmd", "sensitivity_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
