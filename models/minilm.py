@@ -255,3 +255,24 @@ def build_minilm_onnx(cache_dir: Path | None = None, *, force: bool = False) -> 
     save_model(result.model, target, force=True, external_data=False)
     logger.info("MiniLM-L6 built: %s", result.fidelity.summary())
     return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m onnxpress.models.minilm``: build the model (if needed) and print its path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m onnxpress.models.minilm",
+        description="Build MiniLM-L6 as ONNX into the user cache (checked against PyTorch).",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"folder for the model (default: {default_cache_dir()})")
+    parser.add_argument("--force", action="store_true", help="rebuild even if it is there")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(build_minilm_onnx(args.cache_dir, force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

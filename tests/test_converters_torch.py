@@ -74,6 +74,21 @@ class TwoInTwoOut(nn.Module):
         return hidden, hidden.sum(dim=-1)
 
 
+class DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, features: torch.Tensor, flags: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.lin(features)
+        return {"logits": hidden, "kept": torch.where(flags, hidden, torch.zeros_like(hidden))}
+
+
+class VarArgs(nn.Module):
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x.relu() for x in xs]).sum(0)
+
+
 class DataDependent(nn.Module):
     """torch.export cannot trace the branch on a value; TorchScript traces one side of it."""
 
@@ -150,6 +165,18 @@ def test_two_inputs_two_outputs_from_example_inputs() -> None:
     assert len(result.fidelity.outputs) == 4  # two outputs at two batch sizes
     with pytest.raises(InputError, match="returns 2"):
         from_torch(module, example, output_names=["only_one"])
+
+
+def test_dict_outputs_keep_keys_and_varargs_stay_dynamic() -> None:
+    result = from_torch(DictOut().eval(), inputs=["features:Bx5:float32", "flags:Bx3:bool"])
+    assert [v.name for v in result.model.graph.outputs] == ["logits", "kept"]
+    assert result.fidelity.passed and result.exporter == "torch.onnx dynamo"
+    varargs = from_torch(VarArgs(), inputs=["a:Bx4:float32", "b:Bx4:float32"])
+    assert varargs.exporter == "torch.onnx dynamo", varargs.exporter_note
+    rng = np.random.default_rng()
+    a, b = (rng.standard_normal((6, 4)).astype(np.float32) for _ in range(2))
+    (got,) = _session(varargs.model).run(None, {"a": a, "b": b})
+    np.testing.assert_allclose(got, np.maximum(a, 0) + np.maximum(b, 0), atol=1e-6)
 
 
 def test_dynamo_failure_falls_back_to_torchscript_and_says_why() -> None:
