@@ -213,6 +213,11 @@ class ShardWriter:
             writer = cls(folder, manifest)
             writer._check_resume(fingerprint, shard_rows)
             return writer
+        if resume and folder.is_dir() and not existing:
+            # killed before the first manifest was written: only our temporary files can be there
+            for path in folder.iterdir():
+                if path.name.startswith((".manifest", ".part-", "part-")):
+                    path.unlink()
         if folder.exists() and any(folder.iterdir()):
             if force:
                 cls._clear(folder)

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: Random inputs generated when no data is given.
 DEFAULT_RANDOM_SAMPLES = 128
+#: Output elements buffered before the metrics are updated (bounds memory at ~2 x 8 MiB).
+METRIC_CHUNK_ELEMENTS = 1 << 20
 #: Data keys read as labels when the data holds them and the model does not take them.
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 WEAK_SIGNAL_WARNING = (
@@ -494,20 +496,43 @@ def validate(
                 raise InputError("labels were given, but no output is shaped [samples, classes]")
         first_feeds: dict[str, np.ndarray] | None = None
         inputs = sorted(set(ref_runner.input_names) | set(cand_runner.input_names))
+        # Outputs are compared a few batches at a time: numpy's per-call cost, not arithmetic,
+        # dominates small outputs, so one update over many rows is much cheaper than many.
+        pending: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in metrics}
+        pending_elements = 0
+        pending_start = 0
+
+        def flush(stop: int) -> None:
+            nonlocal pending_elements, pending_start
+            for name, (refs, cands) in pending.items():
+                if refs:
+                    r = np.concatenate(refs) if len(refs) > 1 else refs[0]
+                    c = np.concatenate(cands) if len(cands) > 1 else cands[0]
+                    metrics[name].update(r, c)
+                    if name == label_output and label_array is not None:
+                        truth = label_array[pending_start:stop]
+                        correct["r"] += int(np.count_nonzero(r.argmax(axis=1) == truth))
+                        correct["c"] += int(np.count_nonzero(c.argmax(axis=1) == truth))
+                refs.clear()
+                cands.clear()
+            pending_elements = 0
+            pending_start = stop
+
         for lo, hi in iter_slices(rows, batch_size):
             feeds = source.read(lo, hi, inputs)
             if first_feeds is None:
                 first_feeds = feeds
             ref_out = ref_runner.run_batch(feeds)
             cand_out = cand_runner.run_batch(feeds)
-            for name, m in metrics.items():
-                m.update(ref_out[name], cand_out[name])
-            if label_array is not None and label_output is not None:
-                truth = label_array[lo:hi]
-                correct["r"] += int(np.count_nonzero(ref_out[label_output].argmax(axis=1) == truth))
-                correct["c"] += int(np.count_nonzero(cand_out[label_output].argmax(axis=1) == truth))
+            for name, (refs, cands) in pending.items():
+                refs.append(ref_out[name])
+                cands.append(cand_out[name])
+                pending_elements += ref_out[name].size
+            if pending_elements >= METRIC_CHUNK_ELEMENTS:
+                flush(hi)
             if progress is not None:
                 progress(hi, rows)
+        flush(rows)
         report = ValidationReport(
             reference=ModelRun(str(reference), artifact_bytes(reference)),
             candidate=ModelRun(str(candidate), artifact_bytes(candidate)),

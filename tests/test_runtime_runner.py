@@ -286,3 +286,19 @@ def test_resume_after_sigkill_at_random_points_is_identical(tmp_path: Path, rng:
     assert got["y"].shape == (rows, 64)
     np.testing.assert_array_equal(got["y"], expected["y"])
     np.testing.assert_array_equal(got["head"], expected["head"])
+
+
+def test_resume_before_the_first_manifest_starts_fresh(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = parse(TWO_IN_TWO_OUT)
+    model = save(proto, tmp_path / "m.onnx")
+    data = two_io_data(rng, 21)
+    np.savez(tmp_path / "in.npz", **data)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".manifest.json.x1y2.tmp").write_bytes(b"{")  # killed while writing the first manifest
+    BatchRunner(model, batch_size=4).run(tmp_path / "in.npz", out, resume=True)
+    np.testing.assert_array_equal(read_outputs(out)["y"], run_ort(proto, data)[0])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        BatchRunner(model, batch_size=4).run(tmp_path / "in.npz", tmp_path / "other", resume=True)

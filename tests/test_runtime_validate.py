@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_metrics_match_numpy(pair: tuple[Path, Path, dict], tmp_path: Path, rng:
 
 
 def test_accuracy_from_labels_and_failing_verdict(pair: tuple[Path, Path, dict], tmp_path: Path,
-                                                    rng: np.random.Generator) -> None:
+                                                    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     ref, _, weights = pair
     bad = tmp_path / "bad.onnx"
     onnx.save(mlp(noisy(weights, rng, 0.0, planted="w4", planted_scale=3.0)), bad)
@@ -113,6 +114,14 @@ def test_accuracy_from_labels_and_failing_verdict(pair: tuple[Path, Path, dict],
     assert report.reference.accuracy == pytest.approx(80.0)
     assert report.candidate.accuracy == pytest.approx(100 * np.mean(bad_pred == labels))
     assert report.accuracy_drop > 0.5 and not report.passed
+    # metrics folded in many small chunks agree with one big update
+    monkeypatch.setattr(sys.modules["onnxpress.runtime.validate"], "METRIC_CHUNK_ELEMENTS", 100)
+    chunked = validate(ref, bad, data=tmp_path / "data.npz", labels=tmp_path / "labels.npy", batch_size=16,
+                       measure_speed=False, tolerances=Tolerances(min_cosine=None, max_accuracy_drop=0.5))
+    assert chunked.candidate.accuracy == report.candidate.accuracy
+    assert chunked.outputs["logits"].max_abs_error == report.outputs["logits"].max_abs_error
+    assert chunked.outputs["logits"].min_cosine == pytest.approx(report.outputs["logits"].min_cosine, rel=1e-12)
+    assert (chunked.outputs["features"].histogram == report.outputs["features"].histogram).all()
     assert [c.name for c in report.checks if not c.passed] == ["accuracy drop (points) <="]
     # the same through the CLI: exit status 4, and the JSON report says why
     status = main(["validate", str(ref), str(bad), "--data", str(tmp_path / "data.npz"), "--labels",
