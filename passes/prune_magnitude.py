@@ -105,7 +105,7 @@ class PruneMagnitudeConfig:
     damping: float = option(0.01, "sparsegpt: damping added to the Hessian's diagonal, relative to its mean.")
     block_size: int = option(128, "sparsegpt: input columns pruned and compensated together.")
     sequential: bool = option(
-        True, "sparsegpt: read each layer's inputs from the model as pruned so far (one more run per input)."
+        False, "sparsegpt: read each layer's inputs from the model as pruned so far (one more run per input)."
     )
 
     def __post_init__(self) -> None:
