@@ -129,7 +129,7 @@ def pack(
         min_bytes: Tensors smaller than this stay inside the graph member.
         force: Replace an existing output.
         progress: Called after each coded chunk: ``(done, total, tensor name)``.
-        chunk_bytes: Tensors are coded in runs of this many bytes (a multiple of 16), each
+        chunk_bytes: Tensors are coded in runs of this many bytes (a multiple of 16, at least 1024), each
             on its own, so a large tensor is coded and decoded on all cores at once.
 
     Returns:
@@ -145,8 +145,8 @@ def pack(
         raise InputError(f"zstd level {level} is outside {codecs.MIN_LEVEL}..{codecs.MAX_LEVEL}")
     if min_bytes < 0:
         raise InputError(f"min_bytes must be >= 0, got {min_bytes}")
-    if chunk_bytes < 16 or chunk_bytes % 16:
-        raise InputError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
+    if chunk_bytes < 1024 or chunk_bytes % 16:
+        raise InputError(f"chunk_bytes must be a multiple of 16 and at least 1024, got {chunk_bytes}")
     _check_output(source, output, force)
     data = _read_source(source)
     source_sha = hashlib.sha256(data).hexdigest()
