@@ -226,6 +226,7 @@ def check_fidelity(
     rtol: float = DEFAULT_RTOL,
     min_cosine: float | None = None,
     inputs: str = "generated",
+    progress: Callable[[str], None] | None = None,
 ) -> FidelityRecord:
     """Runs the framework and onnxruntime on each batch and records every output.
 
@@ -238,6 +239,7 @@ def check_fidelity(
         rtol: Relative tolerance.
         min_cosine: Lowest acceptable cosine per output, or None.
         inputs: Where the inputs came from, for the record.
+        progress: Called with a short description as each batch is checked.
 
     Returns:
         The record; it is not raised on. Call :meth:`FidelityRecord.raise_if_failed`.
@@ -259,7 +261,17 @@ def check_fidelity(
         feeds = {n: np.asarray(batch[n]) for n in onnx_inputs}
         batch_size = int(next(iter(feeds.values())).shape[0]) if feeds and next(
             iter(feeds.values())).ndim else 1
-        expected = [np.asarray(r) for r in reference(dict(batch))]
+        try:
+            expected = [np.asarray(r) for r in reference(dict(batch))]
+        except Exception as exc:  # the framework's own error, on inputs of this shape
+            shapes = ", ".join(f"{k}{list(np.shape(v))}" for k, v in batch.items())
+            raise InputError(
+                f"the framework model fails on the check inputs ({shapes}): "
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; "
+                "if a dynamic dimension only takes certain sizes, write it as a number or pass --data"
+            ) from exc
+        if progress is not None:
+            progress(f"checking at batch size {batch_size}")
         try:
             actual = session.run(None, feeds)
         except Exception as exc:  # onnxruntime raises its own types

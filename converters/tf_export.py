@@ -171,7 +171,8 @@ def from_tf(
         inputs: Input descriptions; taken from the function's input signature when None.
         signature: The SavedModel signature of a loaded ``tf.Module`` to convert.
         **options: ``output_names``, ``opset`` (<= 18), ``data``, ``batch_sizes``, ``atol``,
-            ``rtol``, ``min_cosine``, ``static_batch``, ``seed``, ``check``.
+            ``rtol``, ``min_cosine``, ``static_batch``, ``seed``, ``check``, ``progress``
+            (called with a short description as each stage starts).
 
     Returns:
         The model, its fidelity record and the exporter used.
@@ -298,6 +299,7 @@ def _convert(
     static_batch: bool = False,
     seed: int = DEFAULT_SEED,
     check: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """tf2onnx on one tf.function with a signature, then the fidelity check."""
     tf = _tf()
@@ -335,6 +337,8 @@ def _convert(
             f"{n_outputs} tensor(s)"
         )
     messages: list[str] = []
+    if progress is not None:
+        progress("converting with tf2onnx")
     with _collect_tf2onnx_errors(messages), captured_stdout("tf2onnx"), quiet_framework_logs():
         try:
             proto = _tf2onnx_from_function(function, opset or DEFAULT_TF_OPSET)
@@ -357,7 +361,8 @@ def _convert(
     with saved_for_session(model) as path:
         session = load_session(path)
         record = check_fidelity(
-            reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine, inputs=source
+            reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
+            inputs=source, progress=progress,
         )
         observed = [list(o.shape) for o in record.outputs if o.batch_size == max(record.batch_sizes)]
         del session

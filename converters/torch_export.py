@@ -24,7 +24,7 @@ import logging
 import pickle
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,7 @@ def from_torch(
     static_batch: bool = False,
     seed: int = DEFAULT_SEED,
     check: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Exports a PyTorch module to ONNX and checks it against PyTorch.
 
@@ -112,6 +113,7 @@ def from_torch(
         static_batch: Keep the first dimension fixed.
         seed: Seed of generated inputs.
         check: Raise ValidationFailedError when the check fails (the record says so either way).
+        progress: Called with a short description as each stage starts.
 
     Returns:
         The model, its fidelity record and which exporter ran.
@@ -161,7 +163,7 @@ def from_torch(
     names = [s.name for s in specs]
     onnx_model, used, note = _export(
         module if program is None else program, args, kwargs, specs, names, output_names,
-        opset, exporter, by_name, signature,
+        opset, exporter, by_name, signature, progress or (lambda _: None),
     )
 
     sizes = [specs[0].shape()[0]] if specs and specs[0].dims and not specs[0].batch_dynamic else list(batch_sizes)
@@ -184,7 +186,7 @@ def from_torch(
         session = load_session(path)
         record = check_fidelity(
             reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
-            inputs=source,
+            inputs=source, progress=progress,
         )
         observed = [list(o.shape) for o in record.outputs if o.batch_size == max(record.batch_sizes)]
         del session
@@ -496,10 +498,12 @@ def _export(
     exporter: str,
     by_name: bool,
     signature: _Signature,
+    progress: Callable[[str], None],
 ) -> tuple[ir.Model, str, str]:
     """Runs the exporters in order; returns the model, the exporter used, and why."""
     dynamo_error: Exception | None = None
     if exporter in ("auto", "dynamo"):
+        progress("exporting with the dynamo exporter (torch.export)")
         try:
             model = _export_dynamo(
                 target, args, kwargs, specs, names, output_names, opset, by_name, signature
@@ -513,6 +517,7 @@ def _export(
                 "The dynamo exporter failed (%s); trying the TorchScript exporter", root_cause(exc)
             )
     module = target.module() if hasattr(target, "module") and not hasattr(target, "forward") else target
+    progress("exporting with the TorchScript exporter")
     try:
         model = _export_torchscript(module, args, kwargs, specs, names, output_names, opset, by_name, signature)
     except Exception as exc:

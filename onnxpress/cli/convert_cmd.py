@@ -13,6 +13,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from onnxpress import __version__
@@ -88,7 +89,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         sub.add_argument("--force", action="store_true", help="replace OUT if it exists")
         sub.add_argument("--keep-failed", action="store_true",
                          help="write OUT even when the fidelity check fails (still exits 4)")
+        sub.add_argument("--no-progress", action="store_true",
+                         help="do not print the stages as they start")
     return parser
+
+
+def _stage_printer() -> Callable[[str], None]:
+    """Prints each stage with the seconds since the conversion began, on stderr."""
+    start = time.perf_counter()
+
+    def show(stage: str) -> None:
+        print(f"  [{time.perf_counter() - start:6.1f}s] {stage}", file=sys.stderr, flush=True)
+
+    return show
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -124,9 +137,13 @@ def run(args: argparse.Namespace) -> int:
         "static_batch": args.static_batch,
         "seed": args.seed,
         "check": False,
+        "progress": None if args.no_progress else _stage_printer(),
     }
-    print(f"converting {args.spec} ({args.framework}) ...", file=sys.stderr, flush=True)
+    if not args.no_progress:
+        print(f"converting {args.spec} ({args.framework}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
+    if common["progress"] is not None:
+        common["progress"](f"loading {args.spec}")
     if args.framework == "torch":
         from onnxpress.converters.torch_export import from_torch, load_torch_spec
 
