@@ -115,9 +115,9 @@ def auto_exclude(
             kept.append(name)
             trial = NodeFilter(base.nodes + tuple(kept), base.op_types)
             score = fidelity(reference, run_outputs(quantize(model, trial), batches))
-            logger.info("auto-exclude: kept %s in float, fidelity %.5f", name, score)
+            logger.info("auto-exclude: excluded %s, fidelity %.5f", name, score)
             if progress is not None:
-                progress(step, min(len(order), max_excluded), f"kept {name}: cosine {score:.5f}")
+                progress(step, min(len(order), max_excluded), f"excluded {name}: cosine {score:.5f}")
             if score >= target_cosine:
                 break
     record.update({

@@ -164,12 +164,13 @@ class QuantizeInt8StaticPass(OnnxpressPass):
                 target_cosine=config.target_cosine, max_excluded=config.max_excluded,
                 quantizable=lambda n: not n.op_type.endswith("QuantizeLinear"), progress=self._report,
             )
+        kept = node_filter.excluded_names(model)
         quantized, count = quantize_static_int8(model, self.calibration, config, node_filter, self._report)
         adopt(model, quantized)
         qdq = sum(1 for n in model.graph if n.op_type == "QuantizeLinear")
         self.details = {
             "method": config.method, "batches": count, "quantize_linear_nodes": qdq,
-            "kept_float": node_filter.excluded_names(model),
+            "kept_float": kept,
         } | ({"auto_exclude": auto} if auto else {})
         logger.info("quantize-int8-static: %d QuantizeLinear nodes, calibrated (%s) on %d batches",
                     qdq, config.method, count)

@@ -18,6 +18,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "cse",
     "quantize_int8_dynamic",
     "quantize_int8_static",
+    "quantize_int4_weights",
     "prune_magnitude",
     "prune_channels",
 )

@@ -1,0 +1,160 @@
+r"""quantize-int4-weights: 4-bit MatMul weights (MatMulNBits) and 4-bit embedding tables.
+
+Weights are split into blocks of ``block_size`` consecutive elements along the reduction axis
+(``K`` of a ``[K, N]`` MatMul weight; ``D`` of a ``[V, D]`` embedding table) and each block
+``w`` is stored as 4-bit codes with its own scale and zero point (asymmetric, the default):
+
+.. math::
+
+    s = \frac{\max w - \min w}{15}, \quad z = \mathrm{round}(-\min w / s), \quad
+    q = \mathrm{clip}(\mathrm{round}(w / s) + z, 0, 15), \quad \hat w = (q - z)\, s
+
+(symmetric: ``s = max|w| / 7``, ``z = 8``). MatMuls become ``com.microsoft::MatMulNBits`` and
+``Gather`` on a constant table becomes ``com.microsoft::GatherBlockQuantized``; both are
+onnxruntime CPU kernels, and the work is done by onnxruntime's own ``MatMulNBitsQuantizer``
+(round to nearest, or ``hqq``, half-quadratic optimization of scale and zero point).
+
+Embedding tables are included on purpose: onnxruntime's quantizer quantizes only MatMul by
+default, so a model whose largest tensor is an embedding (MiniLM: 47 of 90 MB) barely shrinks.
+
+Excluded nodes (names, globs, op types, or those chosen by ``auto_exclude``) keep their
+weights in 8 bits (``MatMulNBits`` with ``bits=8``) with ``excluded_weights: int8``, the
+default, or in float.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnx_ir as ir
+
+from onnxpress.calibration import checked_batches
+from onnxpress.passes.base import Needs, OnnxpressPass, option
+from onnxpress.passes.quant_common import NodeFilter, adopt, check_exclusions, load_for_adopt, to_proto_file
+from onnxpress.passes.registry import register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeInt4WeightsConfig:
+    """Options of quantize-int4-weights."""
+
+    block_size: int = option(32, "elements per quantization block (a power of two, >= 16)")
+    symmetric: bool = option(False, "symmetric blocks (no zero point); asymmetric is more accurate")
+    algorithm: Literal["rtn", "hqq"] = option("rtn", "round to nearest, or HQQ's optimized scales (needs torch)")
+    embeddings: bool = option(True, "also quantize Gather tables (embeddings) to 4 bits")
+    accuracy_level: int = option(0, "MatMulNBits accuracy_level: 0 computes in float, 4 in int8")
+    exclude_nodes: tuple[str, ...] = option((), "node names or globs to leave out of 4-bit")
+    exclude_op_types: tuple[str, ...] = option((), "op types to leave out of 4-bit")
+    excluded_weights: Literal["float", "int8"] = option(
+        "int8", "how excluded MatMul weights are stored: float, or 8-bit blocks (MatMulNBits bits=8)"
+    )
+    auto_exclude: bool = option(False, "with calibration data: keep the most harmful MatMuls in 8 bits until target_cosine")
+    target_cosine: float = option(0.98, "auto_exclude's goal: mean cosine of every float output")
+    max_excluded: int = option(8, "auto_exclude keeps at most this many nodes out of 4-bit")
+
+    def __post_init__(self) -> None:
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level must be 0..4, got {self.accuracy_level}")
+        if not 0.0 < self.target_cosine <= 1.0:
+            raise ValueError(f"target_cosine must be within (0, 1], got {self.target_cosine}")
+
+
+def quantize_int4(model: ir.Model, config: QuantizeInt4WeightsConfig, node_filter: NodeFilter) -> ir.Model:
+    """A copy of ``model`` with 4-bit weights (excluded MatMuls in 8 bits or float)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    excluded = node_filter.excluded_names(model)
+    excluded_matmuls = [n.name for n in model.graph if n.name in set(excluded) and n.op_type == "MatMul"]
+    accuracy = config.accuracy_level or None
+    with tempfile.TemporaryDirectory(prefix="onnxpress-int4-") as folder:
+        source = to_proto_file(model, folder)
+        proto = onnx.load(str(source))
+        quantizer_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+        level = quantizer_logger.level
+        quantizer_logger.setLevel(logging.WARNING)  # it logs one INFO line per node it skips
+        try:
+            if config.algorithm == "hqq":
+                algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=4)
+            else:
+                algo = DefaultWeightOnlyQuantConfig(
+                    block_size=config.block_size, is_symmetric=config.symmetric,
+                    accuracy_level=accuracy, op_types_to_quantize=("MatMul",), bits=4,
+                )
+            proto = _apply(MatMulNBitsQuantizer(proto, algo_config=algo, nodes_to_exclude=excluded))
+            if config.embeddings:
+                gather = DefaultWeightOnlyQuantConfig(
+                    block_size=config.block_size, is_symmetric=config.symmetric,
+                    op_types_to_quantize=("Gather",), bits=4,
+                )
+                proto = _apply(MatMulNBitsQuantizer(proto, algo_config=gather, nodes_to_exclude=excluded))
+            if excluded_matmuls and config.excluded_weights == "int8":
+                eight = DefaultWeightOnlyQuantConfig(
+                    block_size=config.block_size, is_symmetric=config.symmetric,
+                    accuracy_level=accuracy, op_types_to_quantize=("MatMul",), bits=8,
+                )
+                proto = _apply(MatMulNBitsQuantizer(proto, algo_config=eight, nodes_to_include=excluded_matmuls))
+        finally:
+            quantizer_logger.setLevel(level)
+        out = Path(folder) / "quantized.onnx"
+        large = proto.ByteSize() > (1 << 30)
+        onnx.save(proto, str(out), save_as_external_data=large)
+        return load_for_adopt(out)
+
+
+def _apply(quantizer) -> object:
+    quantizer.process()
+    return quantizer.model.model
+
+
+@register
+class QuantizeInt4WeightsPass(OnnxpressPass):
+    """4-bit block-quantized MatMul weights (MatMulNBits) and embedding tables (GatherBlockQuantized)."""
+
+    name = "quantize-int4-weights"
+    Config = QuantizeInt4WeightsConfig
+    needs = Needs(min_opset=13)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        config: QuantizeInt4WeightsConfig = self.config
+        node_filter = NodeFilter(config.exclude_nodes, config.exclude_op_types)
+        check_exclusions(model, node_filter, self.name)
+        auto: dict = {}
+        if config.auto_exclude:
+            from onnxpress.passes.auto_exclude import auto_exclude
+
+            if self.calibration is None:
+                raise ValueError("auto_exclude needs calibration batches: pass --data FILE.npz")
+            sample = []
+            for batch in checked_batches(model, self.calibration):
+                sample.append(batch)
+                if len(sample) >= 4:
+                    break
+            node_filter, auto = auto_exclude(
+                model, node_filter, sample, lambda m, f: quantize_int4(m, config, f),
+                target_cosine=config.target_cosine, max_excluded=config.max_excluded,
+                quantizable=lambda n: n.op_type == "MatMul", progress=self._report,
+            )
+        kept = node_filter.excluded_names(model)
+        quantized = quantize_int4(model, config, node_filter)
+        adopt(model, quantized)
+        ops = [n.op_type for n in model.graph]
+        nbits, gathers = ops.count("MatMulNBits"), ops.count("GatherBlockQuantized")
+        self.details = {
+            "matmul_nbits": nbits, "gather_block_quantized": gathers,
+            "kept_out_of_4bit": kept,
+        } | ({"auto_exclude": auto} if auto else {})
+        logger.info("quantize-int4-weights: %d MatMulNBits, %d GatherBlockQuantized", nbits, gathers)
+        return ir.passes.PassResult(model, modified=bool(nbits or gathers))
