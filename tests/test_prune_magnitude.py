@@ -280,3 +280,37 @@ def test_cli_compress_with_a_recipe(rng, tmp_path):
     assert sum(int(np.sum(w == 0)) for w in prunable) / sum(w.size for w in prunable) == pytest.approx(0.8, abs=1e-3)
     feeds = random_feeds(proto, rng)
     assert run_ort(pruned, feeds)[0].shape == run_ort(proto, feeds)[0].shape
+
+
+@pytest.mark.parametrize("extra", [{"granularity": "row", "scope": "per-layer"}, {"pattern": "2:4"}, {}])
+def test_sparsegpt_compensates_the_pruned_weights(rng, extra):
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    proto = oh.make_model(
+        oh.make_graph(
+            [oh.make_node("MatMul", ["x", "w"], ["y"])], "g",
+            [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+            [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 48])],
+            [nh.from_array(w, "w")],
+        ),
+        opset_imports=[oh.make_opsetid("", 18)],
+    )
+    # Correlated inputs of very different scales: what the inverse Hessian sees and |W| does not.
+    mixing = (np.eye(64) + 0.3 * rng.standard_normal((64, 64))) * np.exp(rng.uniform(-2, 2, 64))[None, :]
+    calibration = [{"x": (rng.standard_normal((128, 64)) @ mixing).astype(np.float32)} for _ in range(4)]
+    sparsity = None if "pattern" in extra else 0.5
+    plain, _ = _run_pass(proto, sparsity=sparsity, min_elements=0, **extra)
+    obs, instance = _run_pass(proto, calibration, sparsity=sparsity, min_elements=0, score="sparsegpt", **extra)
+    pruned = _weights(obs)["w"]
+    assert instance.details["tensors"]["w"]["score"] == "sparsegpt"
+    assert _sparsity(pruned) == pytest.approx(0.5, abs=0.01)
+    if "pattern" in extra:
+        assert (np.count_nonzero(pruned.T.reshape(-1, 4), axis=1) <= 2).all()
+    if extra.get("granularity") == "row":
+        assert set(np.sum(pruned == 0, axis=0)) == {32}
+    kept = pruned != 0
+    assert not np.array_equal(pruned[kept], w[kept])  # the kept weights moved to compensate
+    feeds = {"x": (rng.standard_normal((256, 64)) @ mixing).astype(np.float32)}
+    reference = run_ort(proto, feeds)[0]
+    error_plain = np.linalg.norm(run_ort(plain, feeds)[0] - reference)
+    error_obs = np.linalg.norm(run_ort(obs, feeds)[0] - reference)
+    assert error_obs < 0.7 * error_plain
