@@ -291,3 +291,13 @@ def test_recipe_step_and_option_errors(rng):
     ]:
         with pytest.raises(RecipeError, match=match):
             Pipeline.from_recipe(parse_recipe({"steps": [{"pass": "prune-channels", "with": bad}]}))
+
+
+def test_round_to_keeps_a_multiple_of_the_width(rng):
+    proto = _cnn(rng, "flatten")
+    pruned, instance, _ = _prune(proto, ratio=0.375, criterion="l1", ops=("Conv",), round_to=4)
+    shapes = _shapes(pruned)
+    assert shapes["w1"][0] == 4 and shapes["w2"][:2] == (4, 4) and shapes["fc_w"] == (10, 4 * 16)
+    assert all(g["channels_after"] % 4 == 0 for g in instance.details["groups"].values())
+    feeds = random_feeds(proto, rng)
+    assert run_ort(pruned, feeds)[0].shape == run_ort(proto, feeds)[0].shape
