@@ -499,7 +499,8 @@ def packed_session(
         names.append(tensor.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
         arrays.append(array)
-    _restore(proto, data, keep_external=False)
+    if len(names) < len(data):  # tensors elsewhere (attributes, subgraphs, other types)
+        _restore(proto, data, keep_external=False)
     if names:
         options.add_external_initializers(names, values)
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
