@@ -8,7 +8,8 @@ with a constant weight) the pass follows the output value forward, recording wha
 cut when channel ``c`` goes:
 
 - elementwise unary ops and activations (Relu, Sigmoid, Erf, Clip, ...) carry the channels on;
-- ``BatchNormalization``/``InstanceNormalization`` and pooling carry them on (their per-channel
+- ``BatchNormalization``/``InstanceNormalization``, pooling and reductions over other axes
+  (``ReduceMean`` as global pooling) carry them on (their per-channel
   parameters are sliced); a depthwise ``Conv`` (``group = C``) carries them on too (its weight,
   bias and ``group`` are cut);
 - a binary elementwise op (Add, Mul, ...) with a constant carries them on; the constant is
@@ -90,6 +91,7 @@ _UNARY = frozenset({
     "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Dropout", "Clip", "Cast",
 })
 _BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"})
+_REDUCES = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare", "ReduceProd"})
 _POOLS = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 _PER_CHANNEL_NORMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 
@@ -284,6 +286,8 @@ class _Tracer:
                 return self._with_constant(trace, node, other_idx, flow, passed)
             trace.joins.append((other, flow, node))
             return [(out, passed)]
+        if op in _REDUCES and idx == 0:
+            return self._reduce(trace, node, flow)
         if op == "Flatten" and idx == 0:
             return self._flatten(trace, node, value, flow)
         if op == "Reshape" and idx == 0:
@@ -311,6 +315,38 @@ class _Tracer:
             trace.block(f"{describe_node(node)}: constant of shape {list(shape)} does not broadcast per channel")
             return None
         return [(node.outputs[0], passed)]
+
+    def _reduce(self, trace: Trace, node: ir.Node, flow: Flow) -> list[tuple[ir.Value, Flow]] | None:
+        """A reduction over other axes than the channels (global pooling as ReduceMean) carries them."""
+        where = describe_node(node)
+        position, rank = flow.positive_axis, flow.rank
+        if position is None or rank is None or flow.inner != 1:
+            trace.block(f"{where}: the rank of its input is unknown")
+            return None
+        if "axes" in node.attributes:
+            axes = list(node.attributes["axes"].as_ints())
+        elif len(node.inputs) > 1 and node.inputs[1] is not None:
+            tensor = constant_value(node.inputs[1])
+            if tensor is None:
+                trace.block(f"{where} has computed axes")
+                return None
+            axes = [int(a) for a in tensor.numpy().reshape(-1)]
+        else:
+            axes = []
+        noop = node.attributes.get("noop_with_empty_axes")
+        if not axes and not (noop is not None and noop.as_int()):
+            trace.block(f"{where} reduces every axis, the channels too")
+            return None
+        axes = [a + rank if a < 0 else a for a in axes]
+        if position in axes:
+            trace.block(f"{where} reduces over the channels")
+            return None
+        keepdims = node.attributes.get("keepdims")
+        if keepdims is None or keepdims.as_int():
+            return [(node.outputs[0], Flow(flow.axis, 1, rank))]
+        new_rank = rank - len(set(axes))
+        new_position = position - sum(1 for a in set(axes) if a < position)
+        return [(node.outputs[0], Flow(new_position - new_rank, 1, new_rank))]
 
     def _flatten(self, trace: Trace, node: ir.Node, value: ir.Value, flow: Flow) -> list[tuple[ir.Value, Flow]] | None:
         shape = value.shape

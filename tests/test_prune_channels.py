@@ -301,3 +301,28 @@ def test_round_to_keeps_a_multiple_of_the_width(rng):
     assert all(g["channels_after"] % 4 == 0 for g in instance.details["groups"].values())
     feeds = random_feeds(proto, rng)
     assert run_ort(pruned, feeds)[0].shape == run_ort(proto, feeds)[0].shape
+
+
+@pytest.mark.parametrize("keepdims", [1, 0])
+def test_global_pooling_as_reduce_mean_then_gemm(rng, keepdims):
+    w1, b1 = rng.standard_normal((8, 3, 3, 3)), rng.standard_normal(8)
+    _zero_out(w1, b1, [3, 6])
+    inits = {"w1": w1, "b1": b1, "axes": np.array([2, 3], dtype=np.int64), "fc": rng.standard_normal((5, 8))}
+    nodes = [
+        oh.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        oh.make_node("Relu", ["c"], ["r"]),
+        oh.make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=keepdims),
+    ]
+    if keepdims:
+        inits["shape"] = np.array([-1, 8], dtype=np.int64)
+        nodes.append(oh.make_node("Reshape", ["m", "shape"], ["flat"]))
+    else:
+        nodes.append(oh.make_node("Identity", ["m"], ["flat"]))
+    nodes.append(oh.make_node("Gemm", ["flat", "fc"], ["y"], transB=1))
+    proto = _build(nodes, inits, [("x", ["N", 3, 5, 5])], [("y", ["N", 5])])
+    pruned, _, modified = _prune(proto, ratio=0.25, criterion="l1")
+    assert modified
+    assert _shapes(pruned)["w1"] == (6, 3, 3, 3) and _shapes(pruned)["fc"] == (5, 6)
+    if keepdims:
+        assert next(nh.to_array(i) for i in pruned.graph.initializer if i.name == "shape").tolist() == [-1, 6]
+    _assert_same_outputs(proto, pruned, rng)
