@@ -19,6 +19,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "quantize_int8_dynamic",
     "quantize_int8_static",
     "quantize_int4_weights",
+    "cast_fp16",
     "prune_magnitude",
     "prune_channels",
 )

@@ -1,0 +1,136 @@
+r"""cast-fp16: float16 weights and arithmetic, with sensitive ops kept in float32.
+
+onnxruntime's converter (``onnxruntime.transformers.float16.convert_float_to_float16``) does
+the rewrite: float32 initializers become float16 (values beyond the float16 range are clamped
+to :math:`\pm 65504`, nonzero values below :math:`5.96 \times 10^{-8}` to that minimum) and a
+``Cast`` is put wherever a float32 op meets a float16 one. The model's inputs and outputs keep
+their float32 types, so callers feed and read the same arrays as before.
+
+What this pass adds:
+
+* Numerically sensitive ops stay in float32 (``keep_fp32_ops``): reductions, normalizations,
+  ``Softmax``, ``Exp``/``Log``/``Pow``/``Sqrt``, whose float16 results overflow or lose the
+  small differences they exist to compute.
+* The result loads in onnxruntime. Converters emit float16 nodes that the CPU provider has no
+  kernel for, so the model fails to load ("Could not find an implementation for ..."). After
+  converting, the pass opens the model in onnxruntime; each op type it cannot place goes on
+  the float32 list and the model is converted again, until it loads (at most ``max_retries``
+  rounds). The op types added this way are in the pass details.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxpress.passes.base import OnnxpressPass, option
+from onnxpress.passes.quant_common import NodeFilter, adopt, check_exclusions, load_for_adopt, to_proto_file
+from onnxpress.passes.registry import register
+
+logger = logging.getLogger(__name__)
+
+#: Ops whose float16 results are unreliable (range or precision), kept in float32 by default.
+SENSITIVE_OPS = (
+    "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "BatchNormalization",
+    "InstanceNormalization", "GroupNormalization", "Softmax", "LogSoftmax", "ReduceMean", "ReduceSum",
+    "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd", "Pow", "Sqrt", "Exp", "Log", "Erf",
+    "CumSum", "Range", "TopK", "NonMaxSuppression", "RoiAlign", "Resize", "Einsum",
+)
+
+_MISSING_KERNEL = re.compile(r"Could not find an implementation for (\w+)\(")
+
+
+@dataclass(frozen=True)
+class CastFp16Config:
+    """Options of cast-fp16."""
+
+    keep_fp32_ops: tuple[str, ...] = option(SENSITIVE_OPS, "op types computed in float32 (casts at their boundaries)")
+    exclude_nodes: tuple[str, ...] = option((), "node names or globs computed in float32")
+    keep_io_types: bool = option(True, "model inputs and outputs stay float32")
+    check_loads: bool = option(True, "open the result in onnxruntime and keep ops it cannot run in float32")
+    max_retries: int = option(8, "rounds of check_loads before giving up")
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+
+
+def _loads(path: Path) -> str | None:
+    """None when onnxruntime can open the model, else its error message."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        return str(exc)
+    return None
+
+
+@register
+class CastFp16Pass(OnnxpressPass):
+    """Float16 weights and arithmetic; sensitive ops stay float32; the result loads in onnxruntime."""
+
+    name = "cast-fp16"
+    Config = CastFp16Config
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        config: CastFp16Config = self.config
+        node_filter = NodeFilter(config.exclude_nodes, ())
+        check_exclusions(model, node_filter, self.name)
+        blocked_nodes = node_filter.excluded_names(model)
+        block_ops = list(config.keep_fp32_ops)
+        added: list[str] = []
+        with tempfile.TemporaryDirectory(prefix="onnxpress-fp16-") as folder:
+            source = to_proto_file(model, folder)
+            out = Path(folder) / "fp16.onnx"
+            for attempt in range(config.max_retries + 1):
+                proto = onnx.load(str(source))
+                with contextlib.redirect_stdout(io.StringIO()), _quiet("onnxruntime.transformers.float16"):
+                    converted = convert_float_to_float16(
+                        proto, keep_io_types=config.keep_io_types, op_block_list=block_ops,
+                        node_block_list=blocked_nodes, disable_shape_infer=False,
+                    )
+                onnx.save(converted, str(out), save_as_external_data=converted.ByteSize() > (1 << 30))
+                if not config.check_loads:
+                    break
+                error = _loads(out)
+                if error is None:
+                    break
+                missing = _MISSING_KERNEL.search(error)
+                if missing is None or missing.group(1) in block_ops or attempt == config.max_retries:
+                    raise ValueError(f"the float16 model does not load in onnxruntime: {error.strip().splitlines()[0]}")
+                op = missing.group(1)
+                logger.info("cast-fp16: onnxruntime has no float16 kernel for %s; keeping it in float32", op)
+                block_ops.append(op)
+                added.append(op)
+            converted_model = load_for_adopt(out)
+        adopt(model, converted_model)
+        fp16 = sum(1 for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT16)
+        casts = sum(1 for n in model.graph if n.op_type == "Cast")
+        self.details = {"fp16_initializers": fp16, "casts": casts, "kept_fp32_for_onnxruntime": added}
+        logger.info("cast-fp16: %d float16 initializers, %d casts, %d op types kept float32 for onnxruntime",
+                    fp16, casts, len(added))
+        return ir.passes.PassResult(model, modified=fp16 > 0 or casts > 0)
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    target = logging.getLogger(name)
+    level = target.level
+    target.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
