@@ -8,6 +8,9 @@ zstd, hashlib and numpy release the GIL, so threads do run the coding in paralle
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -27,3 +30,31 @@ def bounded_map(
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+_shared: ThreadPoolExecutor | None = None
+_shared_lock = threading.Lock()
+
+
+def worker_count(threads: int | None) -> int:
+    """``threads``, or every core when None."""
+    return max(1, threads or os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def decoding_pool(threads: int | None) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool for decoding: one shared pool of all cores, kept between calls.
+
+    Starting a thread per core for every session costs a millisecond or two, which shows in
+    the start time of small models; the shared pool's idle threads cost nothing. An explicit
+    ``threads`` gets a pool of its own, shut down on exit.
+    """
+    global _shared
+    if threads is not None:
+        with ThreadPoolExecutor(max_workers=worker_count(threads), thread_name_prefix="onnxz") as pool:
+            yield pool
+        return
+    with _shared_lock:
+        if _shared is None:
+            _shared = ThreadPoolExecutor(max_workers=worker_count(None), thread_name_prefix="onnxz")
+    yield _shared

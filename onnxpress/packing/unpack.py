@@ -57,7 +57,7 @@ from onnxpress.packing.format import (
     publish,
 )
 from onnxpress.packing.limits import DEFAULT_LIMITS, Limits
-from onnxpress.packing.parallel import bounded_map
+from onnxpress.packing.parallel import bounded_map, decoding_pool
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class PackedModel:
         except (zipfile.BadZipFile, OSError) as exc:
             raise InputError(_diagnose_broken_zip(self.path, exc)) from exc
         self._lock = threading.Lock()
+        self._spans: dict[str, tuple[int, int]] = {}
         self._handle = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -127,25 +128,26 @@ class PackedModel:
     def _member_view(self, name: str, what: str) -> memoryview:
         """The stored bytes of a member, as a view of the memory-mapped file (no copy).
 
-        The ZIP CRC is not checked here: the sha256 of every decoded tensor is.
+        The ZIP CRC is not checked here: the sha256 of every decoded chunk is.
         """
-        info = self._info(name, what)
-        start = info.header_offset
-        if start + _LOCAL_HEADER.size > len(self._map):
-            raise InputError(f"{self.path}: {what} (member '{name}') lies past the end of the file")
-        fields = _LOCAL_HEADER.unpack_from(self._map, start)
-        if fields[0] != ZIP_MAGIC:
-            raise InputError(f"{self.path}: {what} (member '{name}'): corrupt ZIP local header")
-        begin = start + _LOCAL_HEADER.size + fields[9] + fields[10]
-        end = begin + info.compress_size
-        if end > len(self._map):
-            raise InputError(
-                f"{self.path}: {what} (member '{name}') is truncated: "
-                f"{max(0, len(self._map) - begin)} of {info.compress_size} bytes present"
-            )
-        return memoryview(self._map)[begin:end]
-
-    # -- checks ---------------------------------------------------------------------------
+        span = self._spans.get(name)
+        if span is None:
+            info = self._info(name, what)
+            start = info.header_offset
+            if start + _LOCAL_HEADER.size > len(self._map):
+                raise InputError(f"{self.path}: {what} (member '{name}') lies past the end of the file")
+            fields = _LOCAL_HEADER.unpack_from(self._map, start)
+            if fields[0] != ZIP_MAGIC:
+                raise InputError(f"{self.path}: {what} (member '{name}'): corrupt ZIP local header")
+            begin = start + _LOCAL_HEADER.size + fields[9] + fields[10]
+            end = begin + info.compress_size
+            if end > len(self._map):
+                raise InputError(
+                    f"{self.path}: {what} (member '{name}') is truncated: "
+                    f"{max(0, len(self._map) - begin)} of {info.compress_size} bytes present"
+                )
+            span = self._spans[name] = (begin, end)
+        return memoryview(self._map)[span[0] : span[1]]
 
     def _info(self, name: str, what: str) -> zipfile.ZipInfo:
         try:
@@ -369,7 +371,7 @@ class PackedModel:
                 if progress is not None:
                     progress(done, len(unique), tensors[index].name)
             return [decoded[first[entry.member]] for entry in tensors]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with decoding_pool(threads) as pool:
             single = [i for i in unique if len(tensors[i].chunks) == 1]
             multi = [i for i in unique if len(tensors[i].chunks) != 1]
             outs = {i: np.empty(tensors[i].raw_size, dtype=np.uint8) for i in multi}
@@ -472,15 +474,20 @@ def packed_session(
     removed once the session is built.
     """
     with PackedModel(path, limits) as packed:
-        proto = packed.graph_proto()
-        if packed.total_raw_bytes > inline_limit:
+        if packed.total_raw_bytes <= inline_limit:
+            # The graph is decoded and checked on another thread while the tensors decode.
+            with ThreadPoolExecutor(max_workers=1) as side:
+                graph = side.submit(packed.graph_proto)
+                data = packed.decode_all(threads, as_bytes=False)
+                proto = graph.result()
+        else:
+            proto = packed.graph_proto()
             with tempfile.TemporaryDirectory(prefix="onnxz-") as tmp:
                 model_path = Path(tmp) / "model.onnx"
                 _stream_to_external(packed, proto, Path(tmp) / "model.onnx.data", threads)
                 model_path.write_bytes(proto.SerializeToString())
                 logger.info("Streamed %s to external data in %s", path, tmp)
                 return ort.InferenceSession(str(model_path), options, providers=providers)
-        data = packed.decode_all(threads, as_bytes=False)
     names: list[str] = []
     values: list[ort.OrtValue] = []
     arrays: list[np.ndarray] = []
