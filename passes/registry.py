@@ -20,6 +20,7 @@ _PASS_MODULES: tuple[str, ...] = (
     "quantize_int8_static",
     "quantize_int4_weights",
     "cast_fp16",
+    "codebook",
     "prune_magnitude",
     "prune_channels",
 )
