@@ -192,6 +192,8 @@ class BatchRunner:
         self.session = session if session is not None else load_session(self.model_path, threads=threads)
         self.inputs = input_specs(self.session)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._input_names = tuple(s.name for s in self.inputs)
+        self._input_dtypes = tuple((s.name, s.dtype) for s in self.inputs)
         fixed = {s.fixed_batch for s in self.inputs}
         self.fixed_batch: int | None = None
         if len(fixed) == 1 and (f := next(iter(fixed))) is not None:
@@ -203,7 +205,7 @@ class BatchRunner:
 
     @property
     def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
+        return list(self._input_names)
 
     def check(self, source: InputSource, *, casting: str = "safe") -> dict[str, int]:
         """Checks a source against the model's inputs; see :func:`check_source`."""
@@ -211,18 +213,18 @@ class BatchRunner:
 
     def run_batch(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs one batch, padding it to a fixed batch size and trimming the outputs back."""
-        rows = len(next(iter(feeds.values())))
-        prepared = {}
-        for spec in self.inputs:
-            array = feeds[spec.name]
-            if array.dtype != spec.dtype:
-                array = array.astype(spec.dtype)
-            if self.fixed_batch is not None and rows < self.fixed_batch:
-                pad = [(0, self.fixed_batch - rows)] + [(0, 0)] * (array.ndim - 1)
-                array = np.pad(array, pad, mode="edge")
-            prepared[spec.name] = array
+        prepared = {name: feeds[name] for name in self._input_names}
+        rows = len(prepared[self._input_names[0]]) if self._input_names else 0
+        pad = self.fixed_batch is not None and rows < self.fixed_batch
+        for name, dtype in self._input_dtypes:
+            array = prepared[name]
+            if array.dtype != dtype:
+                array = prepared[name] = array.astype(dtype)
+            if pad:
+                widths = [(0, self.fixed_batch - rows)] + [(0, 0)] * (array.ndim - 1)  # type: ignore[operator]
+                prepared[name] = np.pad(array, widths, mode="edge")
         outputs = self.session.run(self.output_names, prepared)
-        if self.fixed_batch is not None and rows < self.fixed_batch:
+        if pad:
             outputs = [o[:rows] for o in outputs]
         return dict(zip(self.output_names, outputs, strict=True))
 
@@ -232,7 +234,7 @@ class BatchRunner:
         """Yields ``(start, stop, outputs)`` for each batch from row ``start`` on."""
         stop = source.num_rows if stop is None else min(stop, source.num_rows)
         for lo, hi in iter_slices(stop, self.batch_size, start):
-            yield lo, hi, self.run_batch(source.read(lo, hi, self.input_names))
+            yield lo, hi, self.run_batch(source.read(lo, hi, self._input_names))
 
     def run(
         self,

@@ -76,12 +76,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes) -> tuple[int, str]:
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes, *, sync: bool = True) -> tuple[int, str]:
     """Writes a temporary file beside ``path``, syncs it, and renames it into place.
 
     Args:
         path: The target.
         write: The bytes, or a function that writes them to the open file.
+        sync: Flush the file and its folder to disk (the rename is atomic either way; the
+            sync makes it survive a power cut too).
 
     Returns:
         The size and SHA-256 of what was written (hashed from the file: nothing is held twice).
@@ -94,7 +96,8 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes) -> tup
             else:
                 write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
             size = f.tell()
             f.seek(0)
             hasher = hashlib.sha256()
@@ -105,7 +108,8 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes) -> tup
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
     return size, digest
 
 
@@ -241,7 +245,7 @@ class ShardWriter:
             "complete": False,
         }
         writer = cls(folder, manifest)
-        writer._write_manifest()
+        writer._write_manifest(sync=False)  # commits nothing yet: no need to wait for the disk
         return writer
 
     @staticmethod
@@ -278,8 +282,8 @@ class ShardWriter:
                 logger.info("removing %s, written after the last committed shard", path.name)
                 path.unlink()
 
-    def _write_manifest(self) -> None:
-        _atomic_write(self.folder / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
+    def _write_manifest(self, *, sync: bool = True) -> None:
+        _atomic_write(self.folder / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode(), sync=sync)
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """Adds one batch of outputs (each array's first axis = rows); commits full shards."""
@@ -296,7 +300,7 @@ class ShardWriter:
         while self.buffered_rows >= self.manifest["shard_rows"]:
             self._commit(self.manifest["shard_rows"])
 
-    def _commit(self, rows: int) -> None:
+    def _commit(self, rows: int, *, last: bool = False) -> None:
         arrays = {n: np.concatenate(parts) if len(parts) > 1 else parts[0] for n, parts in self.buffer.items()}
         shard = {n: a[:rows] for n, a in arrays.items()}
         rest = {n: a[rows:] for n, a in arrays.items()}
@@ -308,21 +312,24 @@ class ShardWriter:
         del arrays, shard
         start = self.rows_done
         self.shards.append({"file": name, "start": start, "stop": start + rows, "bytes": size, "sha256": digest})
+        if last and start + rows == self.manifest["total_rows"]:
+            self.manifest["complete"] = True
         self._write_manifest()
         self.buffer = {n: [a] for n, a in rest.items() if len(a)}
         self.buffered_rows -= rows
         logger.debug("committed %s (rows %d-%d)", name, start, start + rows)
 
     def finish(self) -> None:
-        """Commits the last partial shard and marks the run complete."""
+        """Commits the last partial shard and marks the run complete (one manifest write)."""
         if self.buffered_rows:
-            self._commit(self.buffered_rows)
+            self._commit(self.buffered_rows, last=True)
         if self.rows_done != self.manifest["total_rows"]:
             raise InputError(
                 f"{self.folder}: {self.rows_done} rows written but the input has {self.manifest['total_rows']}"
             )
-        self.manifest["complete"] = True
-        self._write_manifest()
+        if not self.manifest["complete"]:
+            self.manifest["complete"] = True
+            self._write_manifest()
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
