@@ -230,6 +230,8 @@ def find_op_name(message: str) -> str | None:
 
 def root_cause(exc: BaseException) -> str:
     """``Type: first line`` of the innermost cause (exporters wrap the real error)."""
+    if isinstance(exc, OnnxpressError):  # onnxpress's own message already says what failed
+        return str(exc).strip().splitlines()[0][:400]
     inner = exc
     seen = {id(inner)}
     while inner.__cause__ is not None and id(inner.__cause__) not in seen:

@@ -508,7 +508,10 @@ def _export(
             model = _export_dynamo(
                 target, args, kwargs, specs, names, output_names, opset, by_name, signature
             )
-            return model, "torch.onnx dynamo", "the dynamo exporter (torch.export) succeeded, so the TorchScript fallback was not needed"
+            note = "the dynamo exporter (torch.export) succeeded, so the TorchScript fallback was not needed"
+            if opset is not None and model_opset(model) != opset:
+                note += "; " + _convert_opset(model, opset)
+            return model, "torch.onnx dynamo", note
         except Exception as exc:  # the exporter raises many types
             dynamo_error = exc
             if exporter == "dynamo":
@@ -527,6 +530,43 @@ def _export(
     if dynamo_error is None:
         return model, "torch.onnx torchscript", "the TorchScript exporter was asked for"
     return model, "torch.onnx torchscript", f"the dynamo exporter failed: {root_cause(dynamo_error)}"
+
+
+def _convert_opset(model: ir.Model, opset: int) -> str:
+    """Brings a dynamo export to the asked opset (it writes 18 and up); says what happened.
+
+    Raises:
+        ConversionError: The version converter cannot reach the opset.
+    """
+    from onnxscript import version_converter
+
+    written = model_opset(model)
+    with quiet_framework_logs():
+        try:
+            version_converter.convert_version(model, opset, fallback=True)
+        except Exception as exc:  # the converters raise many types
+            raise ConversionError(
+                f"the dynamo exporter writes opset {written}; converting to opset {opset} "
+                f"failed: {root_cause(exc)}"
+            ) from exc
+    if model_opset(model) != opset:
+        raise ConversionError(
+            f"the dynamo exporter writes opset {written} and the version converter could not "
+            f"bring it to opset {opset}"
+        )
+    # The converter can leave attributes the older opset lacks; onnx's checker finds them.
+    from onnxpress.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, constant_bytes
+
+    if constant_bytes(model) < EXTERNAL_DATA_THRESHOLD_BYTES:
+        try:
+            onnx.checker.check_model(ir.to_proto(model))
+        except onnx.checker.ValidationError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise ConversionError(
+                f"the dynamo exporter writes opset {written}; the version converter's opset "
+                f"{opset} model is invalid: {first[:300]}"
+            ) from exc
+    return f"opset {written} converted to {opset} by onnxscript's version converter"
 
 
 def _conversion_error(
