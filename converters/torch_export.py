@@ -132,8 +132,9 @@ def from_torch(
         program = module
         module = program.module()
         params = _program_input_names(program)
-        if example_inputs is None and inputs is None and data is None:
-            example_inputs = program.example_inputs[0]
+        if inputs is None and data is None:
+            # The program knows which dimensions it exported as dynamic.
+            inputs = _specs_from_program(program, params, example_inputs)
     else:
         program = None
         if not isinstance(module, torch.nn.Module):
@@ -258,6 +259,38 @@ def _forward_signature(module: Any, names: list[str] | None) -> _Signature:
         elif p.kind == p.KEYWORD_ONLY:
             keyword_only.append(p.name)
     return _Signature(positional, required, var_positional, keyword_only, var_name)
+
+
+def _specs_from_program(program: Any, names: list[str], example_inputs: Any) -> list[InputSpec]:
+    """Input descriptions from an ExportedProgram: its symbolic dims are the dynamic ones.
+
+    Integer inputs are generated within the range of the program's example inputs.
+    """
+    import torch
+
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    examples = example_inputs if example_inputs is not None else (
+        program.example_inputs[0] if program.example_inputs else ()
+    )
+    specs = []
+    for index, name in enumerate(names):
+        value = placeholders[name].meta.get("val") if name in placeholders else None
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"input '{name}' of the program is not a tensor; describe inputs with --input")
+        dims = []
+        for axis, size in enumerate(value.shape):
+            if isinstance(size, torch.SymInt):
+                hint = size.node.hint if size.node.has_hint() else None
+                dims.append(Dim(int(hint) if hint else (2 if axis == 0 else 16), "batch" if axis == 0 else f"{name}_dim{axis}"))
+            else:
+                dims.append(Dim(int(size)))
+        low = high = None
+        example = examples[index] if index < len(examples) else None
+        if isinstance(example, torch.Tensor) and not example.is_floating_point() and example.numel():
+            low, high = int(example.min()), int(example.max()) + 1
+        dtype = np.dtype(str(value.dtype).removeprefix("torch."))
+        specs.append(InputSpec(name, tuple(dims), dtype, low, high))
+    return specs
 
 
 def _program_input_names(program: Any) -> list[str]:
