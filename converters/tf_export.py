@@ -732,8 +732,16 @@ def _call_factory(factory: Callable[..., Any], source: str) -> Any:
 
 
 def convert_tf_source(source: str, *, signature: str | None = None, **options: Any) -> ConversionResult:
-    """Loads SOURCE (see :func:`load_tf_source`) and converts it with :func:`from_tf`."""
-    return from_tf(load_tf_source(source), signature=signature, **options)
+    """Loads SOURCE (see :func:`load_tf_source`) and converts it with :func:`from_tf`.
+
+    A SavedModel folder converts through a signature (``serving_default`` when there is one)
+    rather than its restored ``__call__``, whose input signature may be lost.
+    """
+    loaded = load_tf_source(source)
+    signatures = getattr(loaded, "signatures", None)
+    if signature is None and Path(source).is_dir() and signatures:
+        signature = "serving_default" if "serving_default" in signatures else next(iter(signatures))
+    return from_tf(loaded, signature=signature, **options)
 
 
 __all__ = ["convert_tf_source", "from_keras", "from_tf", "load_tf_source"]
