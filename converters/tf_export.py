@@ -364,7 +364,8 @@ def _convert(
             reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
             inputs=source, progress=progress,
         )
-        observed = [list(o.shape) for o in record.outputs if o.batch_size == max(record.batch_sizes)]
+        largest = max(record.batch_sizes, default=0)
+        observed = [list(o.shape) for o in record.outputs if o.batch_size == largest]
         del session
     fix_output_shapes(model, observed)
     result = ConversionResult(

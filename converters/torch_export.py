@@ -189,7 +189,8 @@ def from_torch(
             reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
             inputs=source, progress=progress,
         )
-        observed = [list(o.shape) for o in record.outputs if o.batch_size == max(record.batch_sizes)]
+        largest = max(record.batch_sizes, default=0)
+        observed = [list(o.shape) for o in record.outputs if o.batch_size == largest]
         del session
     fix_output_shapes(onnx_model, observed)
     result = ConversionResult(
@@ -681,15 +682,13 @@ def _export_torchscript(
     import torch
 
     if by_name:
-        order = [n for n in signature.names if n in kwargs]
-        if order != [s.name for s in specs][: len(order)] or len(order) != len(kwargs):
-            positional_ok = all(n in kwargs for n in signature.names[: len(kwargs)])
-            if not positional_ok:
-                raise ConversionError(
-                    "the TorchScript exporter needs the inputs as leading positional arguments "
-                    f"of forward ({signature.describe()})"
-                )
+        # TorchScript takes positional arguments only: the inputs must be forward's first ones.
         ordered = [n for n in signature.names if n in kwargs]
+        if len(ordered) != len(kwargs) or ordered != signature.names[: len(ordered)]:
+            raise ConversionError(
+                "the TorchScript exporter needs the inputs to be the leading positional "
+                f"arguments of forward ({signature.describe()}); got {', '.join(kwargs)}"
+            )
         args = tuple(kwargs[n] for n in ordered)
         names = ordered
     dynamic_axes = {
