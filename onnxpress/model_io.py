@@ -35,7 +35,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     """Loads an ONNX model with its external data memory-mapped.
 
     Args:
-        path: The ``.onnx`` file.
+        path: The ``.onnx`` file, or a packed ``.onnxz`` (decoded in memory, up to 2 GB).
 
     Returns:
         The model as onnx_ir; external tensors stay on disk until read.
@@ -49,6 +49,10 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         raise InputError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty, expected an ONNX model")
+    from onnxpress.packing.unpack import is_packed, load_packed_model  # packing imports this module
+
+    if is_packed(path):
+        return load_packed_model(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (google.protobuf.message.DecodeError, ValueError, RuntimeError, OSError) as exc:

@@ -175,3 +175,16 @@ def test_inspect_lists_subgraphs(tmp_path: Path, capsys) -> None:
     assert "subgraphs: 2" in out
     assert "subgraph <unnamed> (If).then_branch: 2 nodes" in out
     assert "subgraph <unnamed> (If).else_branch: 1 nodes" in out
+
+
+def test_inspect_and_compress_read_packed_models(tmp_path: Path, capsys) -> None:
+    packed = tmp_path / "digits.onnxz"
+    assert main(["pack", str(digits_cnn_path()), "-o", str(packed)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(packed)]) == 0
+    assert json.loads(capsys.readouterr().out)["inputs"][0]["name"] == "image"
+    out = tmp_path / "digits.onnx"
+    assert main(["compress", str(packed), "-o", str(out), "--preset", "lossless", "--no-progress"]) == 0
+    images, _ = load_digits_test()
+    feeds = {"image": images[:32]}
+    assert_bit_identical(run_ort(onnx.load(str(digits_cnn_path())), feeds), run_ort(onnx.load(str(out)), feeds))
