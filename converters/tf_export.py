@@ -610,6 +610,10 @@ def _specs_from_tensor_specs(
             else Dim(int(size))
             for i, size in enumerate(shape)
         )
+        if spec.dtype == tf.string:
+            raise InputError(
+                f"input '{name}' is a string tensor; onnxpress converts numeric and bool inputs only"
+            )
         specs.append(InputSpec(name, dims, np.dtype(spec.dtype.as_numpy_dtype)))
     return specs
 
@@ -646,7 +650,14 @@ def _keras_inputs(model: Any) -> list[tuple[str, list[int | None], str]] | None:
         if not name or name.startswith("keras_tensor"):
             # An Input() without a name: Keras calls it keras_tensor_N.
             name = "input" if len(tensors) == 1 else f"input_{index}"
-        result.append((name, list(tensor.shape), str(np.dtype(str(tensor.dtype)))))
+        try:
+            dtype = str(np.dtype(str(tensor.dtype)))
+        except TypeError as exc:
+            raise InputError(
+                f"input '{name}' of the Keras model has dtype {tensor.dtype}; onnxpress converts "
+                "numeric and bool inputs only"
+            ) from exc
+        result.append((name, list(tensor.shape), dtype))
     return result
 
 
@@ -705,6 +716,11 @@ def load_tf_source(source: str) -> Any:
             raise InputError(
                 f"{path}: cannot load the Keras file in safe mode: {first_lines(str(exc), 3)}"
             ) from exc
+    if source.endswith((".h5", ".hdf5")) and ":" not in source:
+        raise InputError(
+            f"{path}: legacy HDF5 Keras files are not loaded (they have no safe mode); load it "
+            "in Keras you trust and save it as .keras or export a SavedModel"
+        )
     if ":" not in source:
         raise InputError(
             f"'{source}': expected a SavedModel folder, a .keras file, or package.module:callable"
