@@ -12,7 +12,8 @@ measured value and whether it is met. Calibration data is never the evaluation d
 digits rows calibrate on ``digits_calib.npz`` (training samples) and evaluate on the test
 split; MiniLM calibrates on 768 sentences and evaluates on 256 others.
 
-Run: ``python benchmarks/prune_bench.py [--skip-minilm] [--threads N] [--json OUT]``.
+Run: ``python benchmarks/prune_bench.py [--skip-minilm] [--threads N] [--json OUT] [--save-dir DIR]``,
+then ``python benchmarks/prune_throughput.py DIR/digits_*.onnx`` on a quiet machine.
 Throughput on a shared machine is noisy: rerun before quoting it.
 """
 
@@ -37,6 +38,10 @@ from onnxpress.runtime import Tolerances, validate
 logger = logging.getLogger("prune_bench")
 
 
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label.lower()).strip("_")
+
+
 def _prune(source: Path, target: Path, pass_name: str, options: dict[str, Any], calibration) -> tuple[dict, float]:
     pass_cls = get_pass(pass_name)
     model = load_model(source)
@@ -55,6 +60,14 @@ def _validate(reference: Path, candidate: Path, data, *, speed: bool, batch_size
     )
 
 
+def conv_channels(path: Path) -> int:
+    """Output channels of all Conv nodes of a model."""
+    model = load_model(path)
+    return sum(
+        node.inputs[1].const_value.shape[0] for node in model.graph if node.op_type == "Conv"
+    )
+
+
 def digits_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
     from onnxpress.models.digits import digits_cnn_path, load_digits_calib, load_digits_test
 
@@ -69,7 +82,7 @@ def digits_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
         ("global magnitude + bias correction", {"sparsity": 0.8, "scope": "global", "min_elements": 0, "bias_correction": True}),
     ]
     for label, options in magnitude:
-        target = workdir / "digits_sparse.onnx"
+        target = workdir / f"digits_{_slug(label)}.onnx"
         details, seconds = _prune(source, target, "prune-magnitude", options, calibration)
         report = _validate(source, target, data, speed=False, batch_size=256, threads=threads)
         drop = report.accuracy_drop
@@ -88,13 +101,12 @@ def digits_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
         ("conv channels, 16-wide, activation + weights", {"ratio": 0.3, "ops": ["Conv"], "round_to": 16, "criterion": "activation", "compensation": "weights"}),
     ]
     for label, options in channels:
-        target = workdir / "digits_thin.onnx"
+        target = workdir / f"digits_{_slug(label)}.onnx"
         options = dict(options, ops=tuple(options.get("ops", ("Conv", "Gemm", "MatMul"))))
         details, seconds = _prune(source, target, "prune-channels", options, calibration)
         report = _validate(source, target, data, speed=True, batch_size=256, threads=threads)
-        conv = [g for name, g in details["groups"].items() if name in ("0.weight", "3.weight")]
-        before = sum(g["channels_before"] for g in conv)
-        removed = sum(g["channels_before"] - g["channels_after"] for g in conv)
+        before = conv_channels(source)
+        removed = before - conv_channels(target)
         drop = report.accuracy_drop
         rows.append({
             "model": "digits CNN", "pass": "prune-channels", "config": label,
@@ -140,7 +152,7 @@ def minilm_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
     ]
     for label, options in configs:
         options = dict(options, calibration_batches=len(calibration), ops=("MatMul",))
-        target = workdir / "minilm_sparse.onnx"
+        target = workdir / f"minilm_{_slug(label)}.onnx"
         details, seconds = _prune(source, target, "prune-magnitude", options, calibration)
         report = _validate(source, target, data, speed=False, batch_size=64, threads=threads)
         cosine = report.outputs["sentence_embedding"].mean_cosine
@@ -162,13 +174,16 @@ def main() -> None:
     parser.add_argument("--skip-minilm", action="store_true", help="only the digits rows (MiniLM takes minutes)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads for timing")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--save-dir", help="keep the pruned models here (for prune_throughput.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("onnxpress").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="prune-bench-") as tmp:
-        rows = digits_rows(Path(tmp), args.threads)
+        workdir = Path(args.save_dir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        rows = digits_rows(workdir, args.threads)
         if not args.skip_minilm:
-            rows += minilm_rows(Path(tmp), args.threads)
+            rows += minilm_rows(workdir, args.threads)
     table = [["model", "pass", "configuration", "result", "quality", "target", "met", "pass s"]]
     for r in rows:
         table.append([r["model"], r["pass"], r["config"], r["result"], r["metric"], r["target"],
