@@ -51,6 +51,7 @@ from onnxpress.passes.pruning_common import (
     WeightLayer,
     channel_stats,
     correct_output_means,
+    cross_grams,
     find_weight_layers,
     input_grams,
     matches,
@@ -105,7 +106,9 @@ class PruneMagnitudeConfig:
     damping: float = option(0.01, "sparsegpt: damping added to the Hessian's diagonal, relative to its mean.")
     block_size: int = option(128, "sparsegpt: input columns pruned and compensated together.")
     sequential: bool = option(
-        False, "sparsegpt: read each layer's inputs from the model as pruned so far (one more run per input)."
+        False,
+        "sparsegpt: refit each layer to its original output from the inputs the model pruned so far "
+        "gives it (two more runs per layer input).",
     )
 
     def __post_init__(self) -> None:
@@ -256,6 +259,8 @@ class PruneMagnitudePass(OnnxpressPass):
         counts = self._allocate(layers, scores, target)
         sequential = cfg.score == "sparsegpt" and cfg.sequential
         grams = input_grams(model, layers, batches) if cfg.score == "sparsegpt" and not sequential else {}
+        crosses: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        original = ir.to_proto(model).SerializeToString() if sequential else b""
 
         pruned: list[BiasTarget] = []
         total = zeros = 0
@@ -264,11 +269,17 @@ class PruneMagnitudePass(OnnxpressPass):
             array = layer.array()
             before = int(np.count_nonzero(array == 0))
             new = None
-            if sequential and id(layer.node) not in grams and layer.graph is model.graph:
-                readers = [other for other in layers[i:] if other.data is layer.data]
-                grams.update(input_grams(model, readers, batches))
+            target_map = None
+            if sequential and layer.graph is model.graph and (layer.node.op_type != "Conv" or layer.groups == 1):
+                if id(layer.node) not in crosses:
+                    readers = [other for other in layers[i:] if other.data is layer.data and other.node.op_type == layer.node.op_type]
+                    crosses.update(cross_grams(original, model, readers, batches))
+                if id(layer.node) in crosses:
+                    pruned_gram, dense_cross, _ = crosses[id(layer.node)]
+                    grams[id(layer.node)] = (pruned_gram, 0)
+                    target_map = self._target_map(pruned_gram, dense_cross)
             if id(layer.node) in grams:
-                new = self._sparsegpt(layer, array, grams[id(layer.node)][0], counts[layer.name])
+                new = self._sparsegpt(layer, array, grams[id(layer.node)][0], counts[layer.name], target_map)
             if new is None:
                 mask = self._mask(layer, score, counts[layer.name])
                 new = np.where(mask, np.zeros((), array.dtype), array)
@@ -368,7 +379,15 @@ class PruneMagnitudePass(OnnxpressPass):
                 counts[layers[i].name] = round(fraction * sizes[layers[i].name])
         return counts
 
-    def _sparsegpt(self, layer: WeightLayer, array: np.ndarray, gram: np.ndarray, count: int) -> np.ndarray | None:
+    def _target_map(self, pruned_gram: np.ndarray, dense_cross: np.ndarray) -> np.ndarray:
+        """``M = (X^T X~)(X~^T X~ + damping)^-1``: ``W M`` maps the pruned input to the original output."""
+        damped = pruned_gram.copy()
+        damped[np.diag_indices(len(damped))] += self.config.damping * max(float(np.mean(np.diag(damped))), 1e-12)
+        return np.linalg.solve(damped, dense_cross.T).T
+
+    def _sparsegpt(
+        self, layer: WeightLayer, array: np.ndarray, gram: np.ndarray, count: int, target_map: np.ndarray | None = None
+    ) -> np.ndarray | None:
         """Prunes one tensor with SparseGPT (Frantar & Alistarh, 2023); None when it cannot.
 
         With ``W`` as ``[out, in]`` and ``H = X^T X + damping * mean(diag H) * I``, the columns
@@ -385,6 +404,8 @@ class PruneMagnitudePass(OnnxpressPass):
         rows, cols = weight.shape
         if gram.shape != (cols, cols):
             return None
+        if target_map is not None:  # min ||W X - W' X~||: prune W M against X~ instead
+            weight = weight @ target_map
         hessian = gram.copy()
         dead = np.diag(hessian) == 0
         hessian[dead, dead] = 1.0

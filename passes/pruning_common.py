@@ -644,3 +644,36 @@ def input_grams(
             entry[0] += x.T @ x
             entry[1] += x.shape[0]
     return {node_id: (grams[key][0], grams[key][1]) for node_id, key in keys.items() if key in grams}
+
+
+def cross_grams(
+    reference: bytes, model: ir.Model, layers: Sequence[WeightLayer], batches: Sequence[dict[str, np.ndarray]]
+) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
+    """For layers that read one value: ``X~^T X~`` and ``X^T X~``, by node id.
+
+    ``X~`` is the layers' input in ``model`` (pruned so far) and ``X`` the same value in the
+    original model, so a layer can be refit to reproduce its original output from the
+    input it will really get. Layers with no matrix form are missing from the result.
+    """
+    if not layers:
+        return {}
+    name = layers[0].data.name or ""
+    layer = layers[0]
+    shape = tuple(layer.weight.const_value.shape)  # type: ignore[union-attr]
+    pruned_gram = dense_cross = None
+    count = 0
+    for dense, current in zip(
+        run_with_outputs(reference, [name], batches), run_with_outputs(model, [name], batches), strict=True
+    ):
+        x_dense = _design(layer, dense[name], shape)
+        x_pruned = _design(layer, current[name], shape)
+        if x_dense is None or x_pruned is None:
+            return {}
+        if pruned_gram is None:
+            pruned_gram = np.zeros((x_pruned.shape[1],) * 2)
+            dense_cross = np.zeros_like(pruned_gram)
+        pruned_gram += x_pruned.T @ x_pruned
+        dense_cross += x_dense.T @ x_pruned
+        count += x_pruned.shape[0]
+    assert pruned_gram is not None and dense_cross is not None
+    return {id(other.node): (pruned_gram, dense_cross, count) for other in layers}

@@ -314,3 +314,31 @@ def test_sparsegpt_compensates_the_pruned_weights(rng, extra):
     error_plain = np.linalg.norm(run_ort(plain, feeds)[0] - reference)
     error_obs = np.linalg.norm(run_ort(obs, feeds)[0] - reference)
     assert error_obs < 0.7 * error_plain
+
+
+def test_sequential_sparsegpt_fits_the_original_outputs_from_pruned_inputs(rng):
+    w1 = rng.standard_normal((32, 64)).astype(np.float32)
+    w2 = rng.standard_normal((64, 16)).astype(np.float32)
+    proto = oh.make_model(
+        oh.make_graph(
+            [oh.make_node("MatMul", ["x", "w1"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
+             oh.make_node("MatMul", ["r", "w2"], ["y"])],
+            "g",
+            [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 32])],
+            [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16])],
+            [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")],
+        ),
+        opset_imports=[oh.make_opsetid("", 18)],
+    )
+    mixing = (np.eye(32) + 0.3 * rng.standard_normal((32, 32))) * np.exp(rng.uniform(-1, 1, 32))[None, :]
+    calibration = [{"x": (rng.standard_normal((256, 32)) @ mixing).astype(np.float32)} for _ in range(4)]
+    feeds = {"x": (rng.standard_normal((1024, 32)) @ mixing).astype(np.float32)}
+    reference = run_ort(proto, feeds)[0]
+    errors = {}
+    for sequential in (False, True):
+        model, instance = _run_pass(
+            proto, calibration, sparsity=0.6, scope="per-layer", min_elements=0, score="sparsegpt", sequential=sequential
+        )
+        assert instance.details["sparsity"] == pytest.approx(0.6, abs=0.01)
+        errors[sequential] = np.linalg.norm(run_ort(model, feeds)[0] - reference)
+    assert errors[True] < errors[False]
