@@ -177,3 +177,17 @@ def test_input_description_that_does_not_fit_names_expected_inputs() -> None:
         from_keras(model, inputs=["left:Bx7:float32", "right:Bx4:float32"])
     with pytest.raises(InputError, match="up to 18"):
         from_keras(model, opset=19)
+
+
+def test_hdf5_and_string_inputs_are_refused_clearly(tmp_path: Path) -> None:
+    legacy = tmp_path / "old.h5"
+    legacy.write_bytes(b"\x89HDF\r\n\x1a\n")
+    with pytest.raises(InputError, match="HDF5"):
+        convert_tf_source(str(legacy))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def lengths(text):
+        return tf.strings.length(text)
+
+    with pytest.raises(InputError, match="'text' is a string tensor"):
+        from_tf(lengths)
