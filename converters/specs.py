@@ -219,6 +219,17 @@ def generate_inputs(
     return feeds
 
 
+def check_batch_sizes(specs: Sequence[InputSpec], wanted: Sequence[int]) -> list[int]:
+    """The batch sizes a check can run.
+
+    ``wanted`` when any input has a dynamic batch, else the inputs' one fixed batch size (1
+    when they are all scalars).
+    """
+    if any(s.batch_dynamic for s in specs):
+        return list(wanted)
+    return [next((s.shape()[0] for s in specs if s.dims), 1)]
+
+
 def _padding_mask(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Ones with a random number of trailing zeros per row (at least one one per row)."""
     mask = np.ones(shape, dtype=np.int64)

@@ -57,6 +57,7 @@ from onnxpress.converters.specs import (
     Dim,
     InputSpec,
     batches_from_data,
+    check_batch_sizes,
     generate_inputs,
     load_callable,
     parse_inputs,
@@ -349,7 +350,7 @@ def _convert(
     model = ir.from_proto(proto)
     _rename(model, specs, names)
 
-    sizes = [specs[0].shape()[0]] if specs and specs[0].dims and not specs[0].batch_dynamic else list(batch_sizes)
+    sizes = check_batch_sizes(specs, batch_sizes)
     if data is not None:
         batches = batches_from_data(data, sizes)
         source = "data"

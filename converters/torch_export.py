@@ -58,6 +58,7 @@ from onnxpress.converters.specs import (
     Dim,
     InputSpec,
     batches_from_data,
+    check_batch_sizes,
     generate_inputs,
     load_callable,
     parse_inputs,
@@ -167,7 +168,7 @@ def from_torch(
         opset, exporter, by_name, signature, progress or (lambda _: None),
     )
 
-    sizes = [specs[0].shape()[0]] if specs and specs[0].dims and not specs[0].batch_dynamic else list(batch_sizes)
+    sizes = check_batch_sizes(specs, batch_sizes)
     if data is not None:
         batches = batches_from_data(data, sizes)
         source = "data"

@@ -9,6 +9,7 @@ from onnxpress.converters.fidelity import FidelityRecord, compare_output
 from onnxpress.converters.specs import (
     InputSpec,
     batches_from_data,
+    check_batch_sizes,
     generate_inputs,
     load_callable,
     load_npz,
@@ -67,6 +68,13 @@ def test_generated_inputs_are_reproducible_and_respect_ranges() -> None:
     assert all((np.diff(row) <= 0).all() for row in mask)
     varied = generate_inputs(specs, 4, seed=7, vary=True)
     assert varied["ids"].shape == (4, 9) and varied["x"].shape == (4, 3)
+
+
+def test_check_batch_sizes_follow_the_batch_dimension() -> None:
+    assert check_batch_sizes(parse_inputs(["x:Bx3:float32"]), [1, 4]) == [1, 4]
+    static = parse_inputs(["x:5x3:float32", "s:scalar:float32"], static_batch=True)
+    assert check_batch_sizes(static, [1, 4]) == [5]
+    assert check_batch_sizes(parse_inputs(["s:scalar:float32"]), [1, 4]) == [1]
 
 
 def test_npz_loading_and_batching(tmp_path) -> None:
