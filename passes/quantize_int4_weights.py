@@ -54,7 +54,9 @@ class QuantizeInt4WeightsConfig:
     excluded_weights: Literal["float", "int8"] = option(
         "int8", "how excluded MatMul weights are stored: float, or 8-bit blocks (MatMulNBits bits=8)"
     )
-    auto_exclude: bool = option(False, "with calibration data: keep the most harmful MatMuls in 8 bits until target_cosine")
+    auto_exclude: bool | None = option(
+        False, "keep the most harmful nodes out of quantization until target_cosine is met (needs calibration data); null: only when calibration data is given"
+    )
     target_cosine: float = option(0.98, "auto_exclude's goal: mean cosine of every float output")
     max_excluded: int = option(8, "auto_exclude keeps at most this many nodes out of 4-bit")
 
@@ -132,7 +134,7 @@ class QuantizeInt4WeightsPass(OnnxpressPass):
         node_filter = NodeFilter(config.exclude_nodes, config.exclude_op_types)
         check_exclusions(model, node_filter, self.name)
         auto: dict = {}
-        if config.auto_exclude:
+        if config.auto_exclude or (config.auto_exclude is None and self.calibration is not None):
             from onnxpress.passes.auto_exclude import auto_exclude
 
             if self.calibration is None:

@@ -63,7 +63,9 @@ class QuantizeInt8StaticConfig:
     exclude_nodes: tuple[str, ...] = option((), "node names or globs to keep in float")
     exclude_op_types: tuple[str, ...] = option((), "op types to keep in float")
     max_batches: int = option(0, "calibrate on at most this many batches (0: all)")
-    auto_exclude: bool = option(False, "keep the most harmful nodes in float until target_cosine is met")
+    auto_exclude: bool | None = option(
+        False, "keep the most harmful nodes out of quantization until target_cosine is met (needs calibration data); null: only when calibration data is given"
+    )
     target_cosine: float = option(0.995, "auto_exclude's goal: mean cosine of every float output")
     max_excluded: int = option(12, "auto_exclude keeps at most this many nodes in float")
 
@@ -150,7 +152,7 @@ class QuantizeInt8StaticPass(OnnxpressPass):
         node_filter = NodeFilter(config.exclude_nodes, config.exclude_op_types)
         check_exclusions(model, node_filter, self.name)
         auto: dict = {}
-        if config.auto_exclude:
+        if config.auto_exclude or (config.auto_exclude is None and self.calibration is not None):
             from onnxpress.passes.auto_exclude import auto_exclude
 
             sample = []

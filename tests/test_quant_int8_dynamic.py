@@ -1,0 +1,192 @@
+"""quantize-int8-dynamic on small models: counts, scales, tolerances, exclusions, auto-exclude."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import run_ort
+from quant_models import embed_mlp, initializer, mlp, rel_error, to_ir, with_weights
+
+from onnxpress.errors import InputError
+from onnxpress.passes.quantize_int8_dynamic import QuantizeInt8DynamicConfig, QuantizeInt8DynamicPass
+
+
+def _quantize(proto: onnx.ModelProto, calibration=None, **options) -> tuple[ir.Model, QuantizeInt8DynamicPass]:
+    model = to_ir(proto)
+    step = QuantizeInt8DynamicPass(QuantizeInt8DynamicConfig(**options), calibration=calibration)
+    result = step(model)
+    onnx.checker.check_model(ir.to_proto(result.model))
+    return result.model, step
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+@pytest.mark.parametrize("activations", ["tensor", "row"])
+def test_matmuls_become_int8_within_tolerance(rng, activations):
+    proto = mlp(rng)
+    model, step = _quantize(proto, activations=activations, min_elements=0)
+    ops = _ops(model)
+    assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops
+    assert step.details["quantized"] == 2
+    x = rng.standard_normal((7, 64)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref, got) < 0.03  # two int8 layers (7-bit weights): about 1.5% relative L2 error
+
+
+def test_weight_scales_are_per_output_channel(rng):
+    proto = mlp(rng)
+    w1 = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "W1"))
+    for reduce_range, q_max in ((False, 127), (True, 63)):
+        model, _ = _quantize(proto, min_elements=0, reduce_range=reduce_range)
+        q = initializer(model, "W1_int8")
+        scale = initializer(model, "fc1_weight_scale")
+        np.testing.assert_allclose(scale, np.abs(w1).max(axis=0) / q_max, rtol=1e-6)
+        assert q.dtype == np.int8 and np.abs(q).max() == q_max
+        assert np.abs(q * scale - w1).max() <= scale.max() / 2 + 1e-7
+
+
+def test_row_scales_beat_tensor_scales_on_an_outlier_row(rng):
+    proto = mlp(rng)
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    x[3] *= 200.0  # one outlier token sets a per-tensor step far too coarse for the others
+    (ref,) = run_ort(proto, {"x": x})
+    errors = {}
+    for activations in ("tensor", "row"):
+        model, _ = _quantize(proto, activations=activations, min_elements=0)
+        (got,) = run_ort(model, {"x": x})
+        keep = np.arange(16) != 3
+        errors[activations] = rel_error(ref[keep], got[keep])
+    assert errors["row"] < errors["tensor"] / 5
+
+
+def test_gemm_with_trans_b_alpha_beta(rng):
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (float[N, 32] x) => (float[N, 24] y) {
+        y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (x, W, C)
+    }
+    """
+    proto = with_weights(text, {
+        "W": rng.standard_normal((24, 32)).astype(np.float32),
+        "C": rng.standard_normal(24).astype(np.float32),
+    })
+    model, _ = _quantize(proto, min_elements=0)
+    assert "Gemm" not in _ops(model) and "MatMulInteger" in _ops(model)
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref, got) < 0.02
+
+
+def test_embedding_rows_are_int8_with_a_scale_per_row(rng):
+    proto = embed_mlp(rng)
+    table = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "table"))
+    model, _ = _quantize(proto, min_elements=0, op_types=("Gather",))
+    scale = initializer(model, "table_row_scale")
+    assert scale.shape == (100, 1)
+    np.testing.assert_allclose(scale[:, 0], np.abs(table).max(axis=1) / 127, rtol=1e-6)
+    assert "table" not in model.graph.initializers  # the float table is gone
+    ids = rng.integers(0, 100, size=(3, 5)).astype(np.int64)
+    # The looked-up rows are off by at most half a step of their own row.
+    reference_rows = table[ids]
+    text = onnx.printer.to_text(proto.graph)
+    assert "Gather" in text
+    rows = np.take(initializer(model, "table_int8").astype(np.float32) * scale, ids, axis=0)
+    assert np.all(np.abs(rows - reference_rows) <= scale[ids] / 2 + 1e-6)
+    (ref,), (got,) = run_ort(proto, {"ids": ids}), run_ort(model, {"ids": ids})
+    assert rel_error(ref, got) < 0.01
+
+
+def test_exclusions_by_name_glob_and_op_type(rng):
+    proto = mlp(rng)
+    for options in ({"exclude_nodes": ("fc2",)}, {"exclude_nodes": ("fc[2-9]",)}, {"exclude_nodes": ("*2",)}):
+        model, step = _quantize(proto, min_elements=0, excluded_weights="float", **options)
+        assert _ops(model).count("MatMulInteger") == 1
+        fc2 = next(n for n in model.graph if n.name == "fc2")
+        assert fc2.op_type == "MatMul" and fc2.inputs[1].name == "W2"  # the float weight, untouched
+        assert step.details["kept_float"] == ["fc2"]
+    model, step = _quantize(proto, min_elements=0, exclude_op_types=("MatMul",))
+    assert "MatMulInteger" not in _ops(model)
+    assert sorted(step.details["kept_float"]) == ["fc1", "fc2"]
+    # excluded_weights: int8 keeps float arithmetic but stores the weight in 8 bits.
+    assert _ops(model).count("DequantizeLinear") == 2
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref, got) < 0.02  # 8-bit weights only: about 1% for two layers
+
+
+def test_conv_weights_stored_int8(rng):
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    c (float[N, 3, 8, 8] x) => (float[N, 8, 6, 6] y) {
+        y = Conv (x, W, B)
+    }
+    """
+    proto = with_weights(text, {
+        "W": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+        "B": rng.standard_normal(8).astype(np.float32),
+    })
+    model, _ = _quantize(proto, min_elements=0)
+    assert initializer(model, "W_int8").dtype == np.int8
+    assert initializer(model, "W_scale").shape == (8,)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref, got) < 0.01
+
+
+def test_small_weights_stay_float(rng):
+    model, step = _quantize(mlp(rng), min_elements=64 * 48 + 1)
+    assert "MatMulInteger" not in _ops(model) and not step.details["quantized"]
+
+
+def test_auto_exclude_needs_calibration(rng):
+    with pytest.raises(ValueError, match="calibration"):
+        _quantize(mlp(rng), min_elements=0, auto_exclude=True)
+
+
+def test_auto_exclude_keeps_the_worst_node_and_reports_it(rng):
+    proto = mlp(rng)
+    batches = [{"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(2)]
+    batches[0]["x"][0] *= 20  # an outlier row makes per-tensor activation steps coarse
+    model, step = _quantize(proto, batches, min_elements=0, auto_exclude=True, target_cosine=0.999999, max_excluded=1)
+    record = step.details["auto_exclude"]
+    assert len(record["kept_float"]) == 1 and set(record["kept_float"]) <= {"fc1", "fc2"}
+    assert step.details["kept_float"] == record["kept_float"]
+    assert _ops(model).count("MatMulInteger") == 1
+    kept = next(n for n in model.graph if n.name == record["kept_float"][0])
+    assert kept.op_type == "MatMul"
+    assert 0.0 < record["cosine_all_quantized"] < 0.999999 and not record["target_met"]
+
+
+def test_auto_exclude_keeps_nothing_when_the_target_is_met(rng):
+    batches = [{"x": rng.standard_normal((8, 64)).astype(np.float32)}]
+    model, step = _quantize(mlp(rng), batches, min_elements=0, auto_exclude=True, target_cosine=0.9)
+    assert step.details["auto_exclude"]["kept_float"] == [] and step.details["auto_exclude"]["target_met"]
+    assert _ops(model).count("MatMulInteger") == 2
+
+
+def test_auto_exclude_null_runs_only_with_calibration(rng):
+    model, step = _quantize(mlp(rng), None, min_elements=0, auto_exclude=None)
+    assert "auto_exclude" not in step.details
+    batches = [{"x": rng.standard_normal((8, 64)).astype(np.float32)}]
+    model, step = _quantize(mlp(rng), batches, min_elements=0, auto_exclude=None, target_cosine=0.5)
+    assert step.details["auto_exclude"]["target_met"]
+
+
+def test_auto_exclude_rejects_data_that_does_not_fit(rng):
+    batches = [{"x": rng.standard_normal((8, 63)).astype(np.float32)}]
+    with pytest.raises(InputError, match="'x'.*64"):
+        _quantize(mlp(rng), batches, min_elements=0, auto_exclude=True)
+
+
+def test_unchanged_when_nothing_to_quantize(rng):
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (float[N, 4] x, float[4, 4] w) => (float[N, 4] y) { y = MatMul (x, w) }
+    """
+    model = to_ir(with_weights(text, {}))
+    result = QuantizeInt8DynamicPass()(model)
+    assert not result.modified
