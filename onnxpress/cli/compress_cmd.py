@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from onnxpress import __version__
+from onnxpress.calibration import DEFAULT_BATCH_SIZE, CalibrationData
 from onnxpress.errors import InputError
 from onnxpress.model_io import load_model, save_model, saved_size
 from onnxpress.packing import pack
@@ -47,13 +48,53 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="last step: also pack the result into OUT with suffix .onnxz (see `onnxpress pack`); "
         "implied when OUT ends in .onnxz, which then writes only the packed file",
     )
+    parser.add_argument(
+        "--data", metavar="FILE",
+        help="calibration data: .npz with one array per model input (first axis = samples), .npy, "
+        ".parquet or a folder of them; read a batch at a time. A recipe may name it as 'calibration: FILE'",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+        help=f"samples per calibration batch (default {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--auto-exclude", action="store_true",
+        help="quantizers keep the nodes that hurt fidelity most in float until their target is met (needs --data)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return parser
+
+
+def _calibration_path(args: argparse.Namespace, recipe) -> Path | None:
+    """--data, else the recipe's ``calibration:`` key (relative to the recipe file)."""
+    if args.data:
+        return Path(args.data)
+    named = recipe.extra.get("calibration")
+    if not named:
+        return None
+    path = Path(str(named))
+    return path if path.is_absolute() or not args.recipe else Path(args.recipe).parent / path
+
+
+def _set_auto_exclude(recipe) -> None:
+    import dataclasses
+
+    from onnxpress.passes.registry import get_pass
+
+    for step in recipe.steps:
+        try:
+            fields = {f.name for f in dataclasses.fields(get_pass(step.pass_name).Config)}
+        except KeyError:
+            continue  # the pipeline reports the unknown pass
+        if "auto_exclude" in fields:
+            step.options["auto_exclude"] = True
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_preset(args.preset) if args.preset else load_recipe(args.recipe)
     apply_overrides(recipe, args.overrides)
+    if args.auto_exclude:
+        _set_auto_exclude(recipe)
     pipeline = Pipeline.from_recipe(recipe)
     out = Path(args.output)
     packed_only = out.suffix == ".onnxz"
@@ -62,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         if target is not None and target.exists() and not args.force:
             raise InputError(f"{target}: the output already exists; pass --force to replace it")
     model = load_model(args.model)
-    pipeline.preflight(model)
+    data = _calibration_path(args, recipe)
+    calibration = CalibrationData(data, model, batch_size=args.batch_size) if data is not None else None
+    pipeline.preflight(model, has_calibration=calibration is not None)
     before = model_stats(model)
     file_before = model_file_bytes(args.model, model)
     start = time.perf_counter()
@@ -78,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{message} {done}/{total}", refresh=True)
 
     try:
-        records = pipeline.run(model, on_step=on_step, on_progress=on_progress)
+        records = pipeline.run(model, calibration=calibration, on_step=on_step, on_progress=on_progress)
     finally:
         bar.close()
     pack_report = None
