@@ -1,0 +1,86 @@
+"""cast-fp16: the result loads and runs in onnxruntime; sensitive ops stay float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from conftest import run_ort
+from quant_models import rel_error, to_ir, with_weights
+
+from onnxpress.passes.cast_fp16 import CastFp16Config, CastFp16Pass
+
+TEXT = """
+<ir_version: 8, opset_import: ["": 17]>
+t (float[N, 32] x) => (float[N, 16] y) {
+    h = MatMul (x, W)
+    n = LayerNormalization <axis = -1> (h, gamma, beta)
+    s = Softmax <axis = -1> (n)
+    r = ReduceMean <keepdims = 1> (s)
+    y = Sub (s, r)
+}
+"""
+
+
+def _model(rng):
+    return with_weights(TEXT, {
+        "W": rng.standard_normal((32, 16)).astype(np.float32),
+        "gamma": rng.standard_normal(16).astype(np.float32),
+        "beta": rng.standard_normal(16).astype(np.float32),
+    })
+
+
+def test_fp16_loads_runs_and_keeps_sensitive_ops_fp32(rng):
+    proto = _model(rng)
+    model = to_ir(proto)
+    step = CastFp16Pass()
+    assert step(model).modified
+    assert model.graph.initializers["W"].dtype == ir.DataType.FLOAT16
+    assert model.graph.inputs[0].dtype == ir.DataType.FLOAT and model.graph.outputs[0].dtype == ir.DataType.FLOAT
+    norm = next(n for n in model.graph if n.op_type == "LayerNormalization")
+    assert norm.inputs[0].dtype == ir.DataType.FLOAT  # a Cast back to float32 in front of it
+    x = rng.standard_normal((6, 32)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert got.dtype == np.float32
+    assert rel_error(ref, got) < 1e-2
+
+
+def test_ops_without_fp16_kernels_are_kept_fp32_until_it_loads(rng, monkeypatch):
+    import onnxpress.passes.cast_fp16 as cast_fp16
+
+    real = cast_fp16._loads
+    refusals = ["Could not find an implementation for Softmax(13) node with name 'sm'"]
+
+    def loads(path):  # onnxruntime refuses the first conversion, as it does for ops without fp16 kernels
+        return refusals.pop() if refusals else real(path)
+
+    monkeypatch.setattr(cast_fp16, "_loads", loads)
+    proto = _model(rng)
+    model = to_ir(proto)
+    step = CastFp16Pass(CastFp16Config(keep_fp32_ops=()))
+    step(model)
+    assert step.details["kept_fp32_for_onnxruntime"] == ["Softmax"]
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    assert softmax.inputs[0].dtype == ir.DataType.FLOAT
+    assert next(n for n in model.graph if n.op_type == "LayerNormalization").inputs[0].dtype == ir.DataType.FLOAT16
+    x = rng.standard_normal((3, 32)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref, got) < 5e-2
+
+
+def test_a_model_that_never_loads_is_an_error(rng, monkeypatch):
+    import pytest
+
+    import onnxpress.passes.cast_fp16 as cast_fp16
+
+    monkeypatch.setattr(cast_fp16, "_loads", lambda path: "some other failure")
+    with pytest.raises(ValueError, match="does not load in onnxruntime: some other failure"):
+        CastFp16Pass()(to_ir(_model(rng)))
+
+
+def test_excluded_nodes_stay_fp32(rng):
+    proto = _model(rng)
+    proto.graph.node[0].name = "first"
+    model = to_ir(proto)
+    CastFp16Pass(CastFp16Config(exclude_nodes=("first",)))(model)
+    first = next(n for n in model.graph if n.name == "first")
+    assert first.inputs[1].dtype == ir.DataType.FLOAT

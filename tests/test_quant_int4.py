@@ -1,0 +1,68 @@
+"""quantize-int4-weights: MatMulNBits and 4-bit embedding tables, tolerance, exclusions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import run_ort
+from quant_models import embed_mlp, rel_error, to_ir
+
+from onnxpress.passes.quantize_int4_weights import QuantizeInt4WeightsConfig, QuantizeInt4WeightsPass
+from onnxpress.stats import model_stats
+
+
+def _quantize(proto, **options):
+    model = to_ir(proto)
+    step = QuantizeInt4WeightsPass(QuantizeInt4WeightsConfig(**options))
+    step(model)
+    return model, step
+
+
+def test_matmul_and_embedding_become_4bit(rng):
+    proto = embed_mlp(rng)
+    before = model_stats(to_ir(proto)).constant_bytes
+    model, step = _quantize(proto)
+    ops = [n.op_type for n in model.graph]
+    assert ops == ["GatherBlockQuantized", "MatMulNBits"]
+    assert step.details["matmul_nbits"] == 1 and step.details["gather_block_quantized"] == 1
+    nbits = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert nbits.attributes["bits"].value == 4 and nbits.attributes["block_size"].value == 32
+    assert model_stats(model).constant_bytes < before / 4  # 4 bits + a scale and zero point per 32
+    ids = rng.integers(0, 100, size=(3, 5)).astype(np.int64)
+    (ref,), (got,) = run_ort(proto, {"ids": ids}), run_ort(model, {"ids": ids})
+    assert rel_error(ref, got) < 0.15  # two 4-bit tensors in a row: about 10%
+
+
+def test_embedding_rows_within_half_a_step(rng):
+    proto = embed_mlp(rng)
+    table = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "table"))
+    model, _ = _quantize(proto, block_size=16)
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    scales = gather.inputs[2].const_value.numpy().astype(np.float32)  # [100, 64 / 16]
+    assert scales.shape == (100, 4)
+    blocks = table.reshape(100, 4, 16)
+    np.testing.assert_allclose(scales, (blocks.max(-1) - blocks.min(-1)) / 15, rtol=2e-3)
+
+
+def test_exclusions_keep_8bit_or_float(rng):
+    proto = embed_mlp(rng)
+    model, step = _quantize(proto, exclude_nodes=("proj",))
+    nbits = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert nbits.attributes["bits"].value == 8 and step.details["kept_out_of_4bit"] == ["proj"]
+    model, _ = _quantize(proto, exclude_nodes=("pro?",), excluded_weights="float")
+    assert [n.op_type for n in model.graph] == ["GatherBlockQuantized", "MatMul"]
+    model, _ = _quantize(proto, embeddings=False)
+    assert [n.op_type for n in model.graph] == ["Gather", "MatMulNBits"]
+
+
+@pytest.mark.parametrize("block_size", [8, 48])
+def test_block_size_must_be_a_power_of_two(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        QuantizeInt4WeightsConfig(block_size=block_size)
+
+
+def test_result_passes_the_checker(rng):
+    model, _ = _quantize(embed_mlp(rng))
+    onnx.checker.check_model(ir.to_proto(model))

@@ -1,0 +1,92 @@
+"""quantize-int8-static: QDQ placement, calibrated scales and zero points, data checks, exclusions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import run_ort
+from quant_models import mlp, rel_error, to_ir
+
+from onnxpress.errors import InputError
+from onnxpress.passes.quantize_int8_static import QuantizeInt8StaticConfig, QuantizeInt8StaticPass
+
+
+def _batches(rng, n=3, rows=16, cols=64):
+    return [{"x": rng.standard_normal((rows, cols)).astype(np.float32)} for _ in range(n)]
+
+
+def _quantize(proto, batches, **options):
+    model = to_ir(proto)
+    step = QuantizeInt8StaticPass(QuantizeInt8StaticConfig(**options), calibration=batches)
+    step(model)
+    onnx.checker.check_model(ir.to_proto(model))
+    return model, step
+
+
+def _input_scale(model: ir.Model) -> tuple[float, int]:
+    """Scale and zero point of the QuantizeLinear that reads the graph input x."""
+    q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x")
+    return float(q.inputs[1].const_value.numpy()), int(q.inputs[2].const_value.numpy())
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_qdq_within_tolerance(rng, method):
+    proto = mlp(rng)
+    model, step = _quantize(proto, _batches(rng), method=method)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("QuantizeLinear") >= 2 and ops.count("DequantizeLinear") >= 4
+    assert step.details["batches"] == 3 and step.details["method"] == method
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    # minmax covers the data; percentile and entropy clip the tails on purpose
+    assert rel_error(ref, got) < {"minmax": 0.08, "percentile": 0.15, "entropy": 0.25}[method]
+
+
+def test_minmax_scale_and_zero_point_follow_the_data(rng):
+    batches = _batches(rng)
+    lo = min(0.0, min(float(b["x"].min()) for b in batches))
+    hi = max(0.0, max(float(b["x"].max()) for b in batches))
+    model, _ = _quantize(mlp(rng), batches, method="minmax")
+    scale, zero_point = _input_scale(model)
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-5)
+    assert zero_point == round(-lo / scale)
+
+
+def test_calibration_is_streamed_one_batch_at_a_time(rng):
+    seen = []
+
+    def batches():  # a one-shot generator: nothing may be read twice or kept
+        for i in range(5):
+            seen.append(i)
+            yield {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+
+    model, step = _quantize(mlp(rng), batches(), max_batches=4)
+    assert step.details["batches"] == 4 and seen == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ({"y": np.zeros((2, 64), np.float32)}, "needs input 'x'"),
+        ({"x": np.zeros((2, 63), np.float32)}, "'x' has size 63 on axis 1"),
+        ({"x": np.zeros((2, 4, 64), np.float32)}, "'x' has rows of shape"),
+        ({"x": np.zeros((2, 64), np.int64)}, "'x' is int64"),
+    ],
+)
+def test_data_that_does_not_fit_the_model(rng, batch, message):
+    with pytest.raises(InputError, match=message):
+        _quantize(mlp(rng), [batch])
+
+
+def test_exclusions_honoured(rng):
+    model, step = _quantize(mlp(rng), _batches(rng), exclude_nodes=("fc2",))
+    fc2 = next(n for n in model.graph if n.name == "fc2")
+    assert fc2.op_type == "MatMul"
+    assert fc2.inputs[1].name == "W2" and fc2.inputs[1].const_value.dtype == ir.DataType.FLOAT
+    assert step.details["kept_float"] == ["fc2"]
+
+
+def test_needs_calibration_is_declared():
+    assert QuantizeInt8StaticPass.needs.calibration
