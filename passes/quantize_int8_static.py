@@ -57,7 +57,7 @@ class QuantizeInt8StaticConfig:
     method: Literal["minmax", "percentile", "entropy"] = option("minmax", "how activation ranges are calibrated")
     percentile: float = option(99.999, "with method percentile: the percentile of |x| kept in range")
     per_channel: bool = option(True, "one weight scale per output channel")
-    reduce_range: bool = option(False, "7-bit weights (for x86 CPUs without VNNI, where u8s8 can saturate)")
+    reduce_range: bool = option(True, "7-bit weights: x86 CPUs without VNNI (AVX2) can saturate u8s8 sums otherwise")
     activation_type: Literal["uint8", "int8"] = option("uint8", "activation integer type")
     op_types: tuple[str, ...] = option((), "op types to quantize (empty: every type onnxruntime's QDQ quantizer knows)")
     exclude_nodes: tuple[str, ...] = option((), "node names or globs to keep in float")
