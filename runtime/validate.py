@@ -289,6 +289,13 @@ def random_inputs(
         InputError: A named dimension after the first is not bound in ``dims``.
     """
     dims = dict(dims or {})
+    named = sorted({d for spec in specs for d in spec.dims if isinstance(d, str)})
+    unknown = sorted(set(dims) - set(named))
+    if unknown:
+        raise InputError(
+            f"--dim {unknown[0]}: the model has no dimension of that name "
+            f"(its named dimensions: {', '.join(named) or 'none'})"
+        )
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in specs:

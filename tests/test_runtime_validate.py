@@ -145,6 +145,8 @@ def test_random_inputs_warn_and_need_dims(tmp_path: Path, rng: np.random.Generat
     onnx.save(proto, path)
     with pytest.raises(InputError, match=r"dimension 'seq' has no size.*--dim seq=VALUE"):
         validate(path, path, measure_speed=False)
+    with pytest.raises(InputError, match="no dimension of that name .*batch, seq"):
+        validate(path, path, dims={"sequence": 7}, measure_speed=False)
     report = validate(path, path, dims={"seq": 7}, samples=20, batch_size=8)
     assert report.passed and report.samples == 20
     assert any("random inputs are a weak signal" in w for w in report.warnings)
