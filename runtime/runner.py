@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,6 @@ class RunResult:
     shards: int
     seconds: float
     resumed_from: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def samples_per_second(self) -> float:

@@ -572,7 +572,7 @@ def validate(
             report.localization = localize_nodes(reference, candidate, batches, value_map=value_map,
                                                  max_batches=localize_batches)
     finally:
-        if not isinstance(data, Mapping) and data is not None and isinstance(data, (str, os.PathLike)):
+        if isinstance(data, (str, os.PathLike)):
             source.close()
     report.checks = _verdict(report)
     report.seconds = time.perf_counter() - began

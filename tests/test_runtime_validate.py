@@ -18,7 +18,6 @@ from conftest import run_ort
 from onnxpress.cli import main
 from onnxpress.errors import InputError
 from onnxpress.runtime import Tolerances, localize, validate
-from onnxpress.runtime.html_report import write_html
 from onnxpress.runtime.localize import load_value_map
 from onnxpress.runtime.validate import artifact_bytes
 
