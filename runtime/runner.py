@@ -142,6 +142,19 @@ def check_source(
     return {k: v for k, (v, _) in bound.items()}
 
 
+def _check_outputs(outputs: Mapping[str, Any], rows: int) -> None:
+    """Every output must be an array with one row per input row (a first axis of samples)."""
+    for name, value in outputs.items():
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            raise InputError(f"output {name!r} is a {type(value).__name__}, not a tensor; batch inference writes tensors")
+        if not shape or shape[0] != rows:
+            raise InputError(
+                f"output {name!r} has shape {list(shape)} for a batch of {rows} rows; batch inference needs "
+                "every output to have a first axis of samples"
+            )
+
+
 def _spec_of(specs: Sequence[InputSpec], name: str) -> InputSpec:
     return next(s for s in specs if s.name == name)
 
@@ -283,7 +296,11 @@ class BatchRunner:
             began = time.perf_counter()
             if progress is not None:
                 progress(start_row, source.num_rows)
-            for _, hi, outputs in self.iter_outputs(source, start=start_row):
+            checked = False
+            for lo, hi, outputs in self.iter_outputs(source, start=start_row):
+                if not checked:
+                    _check_outputs(outputs, hi - lo)
+                    checked = True
                 writer.add(outputs)
                 if progress is not None:
                     progress(hi, source.num_rows)

@@ -302,3 +302,14 @@ def test_resume_before_the_first_manifest_starts_fresh(tmp_path: Path, rng: np.r
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not empty"):
         BatchRunner(model, batch_size=4).run(tmp_path / "in.npz", tmp_path / "other", resume=True)
+
+
+def test_output_without_a_sample_axis_is_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    proto = parse("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, 3] x) => (float total) { total = ReduceSum<keepdims = 0>(x) }
+    """)
+    model = save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", x=rng.standard_normal((10, 3)).astype(np.float32))
+    with pytest.raises(InputError, match=r"output 'total' has shape \[\] for a batch of 4 rows"):
+        BatchRunner(model, batch_size=4).run(tmp_path / "in.npz", tmp_path / "out")
