@@ -297,14 +297,17 @@ class BatchRunner:
             if progress is not None:
                 progress(start_row, source.num_rows)
             checked = False
-            for lo, hi, outputs in self.iter_outputs(source, start=start_row):
-                if not checked:
-                    _check_outputs(outputs, hi - lo)
-                    checked = True
-                writer.add(outputs)
-                if progress is not None:
-                    progress(hi, source.num_rows)
-            writer.finish()
+            try:
+                for lo, hi, outputs in self.iter_outputs(source, start=start_row):
+                    if not checked:
+                        _check_outputs(outputs, hi - lo)
+                        checked = True
+                    writer.add(outputs)
+                    if progress is not None:
+                        progress(hi, source.num_rows)
+                writer.finish()
+            finally:
+                writer.close()  # on Ctrl-C too: the shard being written is finished and kept
             seconds = time.perf_counter() - began
             if single_parquet:
                 assemble_parquet(folder, output, force=force)

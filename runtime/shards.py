@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,13 +166,18 @@ def _read_parquet(path: Path) -> dict[str, np.ndarray]:
 class ShardWriter:
     """Buffers whole batches and commits them as shards; see the module docstring.
 
-    Use :meth:`open`, then :meth:`add` per batch and :meth:`finish` at the end.
+    Use :meth:`open`, then :meth:`add` per batch and :meth:`finish` at the end (or
+    :meth:`close` when stopping early). Shards are written by one background thread, in order.
     """
 
     folder: Path
     manifest: dict[str, Any]
     buffer: dict[str, list[np.ndarray]] = field(default_factory=dict)
     buffered_rows: int = 0
+    _queued_rows: int | None = None
+    _queued_shards: int | None = None
+    _executor: ThreadPoolExecutor | None = None
+    _pending: Future[None] | None = None
 
     @property
     def shards(self) -> list[dict[str, Any]]:
@@ -301,28 +307,73 @@ class ShardWriter:
             self._commit(self.manifest["shard_rows"])
 
     def _commit(self, rows: int, *, last: bool = False) -> None:
-        arrays = {n: np.concatenate(parts) if len(parts) > 1 else parts[0] for n, parts in self.buffer.items()}
-        shard = {n: a[:rows] for n, a in arrays.items()}
-        rest = {n: a[rows:] for n, a in arrays.items()}
+        """Hands the first ``rows`` buffered rows to the writer thread as the next shard.
+
+        One shard is written while the next one fills: the thread's work (copying, CRC,
+        SHA-256, the disk) releases the GIL, so onnxruntime keeps running meanwhile. At most
+        one shard waits, which bounds memory at two shards.
+        """
+        shard: dict[str, list[np.ndarray]] = {}
+        rest: dict[str, list[np.ndarray]] = {}
+        for name, parts in self.buffer.items():
+            taken, need = [], rows
+            for i, part in enumerate(parts):
+                if need >= len(part):
+                    taken.append(part)
+                    need -= len(part)
+                    if need == 0:
+                        rest[name] = parts[i + 1:]
+                        break
+                else:
+                    taken.append(part[:need])
+                    rest[name] = [part[need:], *parts[i + 1:]]
+                    break
+            else:
+                rest[name] = []
+            shard[name] = taken
+        self.buffer = {n: p for n, p in rest.items() if p}
+        self.buffered_rows -= rows
+        start = self._queued_rows if self._queued_rows is not None else self.rows_done
+        self._queued_rows = start + rows
+        index = self._queued_shards if self._queued_shards is not None else len(self.shards)
+        self._queued_shards = index + 1
+        self._wait()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxpress-shards")
+        self._pending = self._executor.submit(self._write_shard, shard, index, start, rows, last)
+
+    def _write_shard(self, parts: dict[str, list[np.ndarray]], index: int, start: int, rows: int, last: bool) -> None:
+        shard = {n: np.concatenate(p) if len(p) > 1 else p[0] for n, p in parts.items()}
         fmt = self.manifest["output_format"]
         writer = write_npz if fmt == "npz" else write_parquet
-        index = len(self.shards)
         name = f"part-{index:05d}.{fmt}"
         size, digest = _atomic_write(self.folder / name, lambda f: writer(f, shard))
-        del arrays, shard
-        start = self.rows_done
         self.shards.append({"file": name, "start": start, "stop": start + rows, "bytes": size, "sha256": digest})
         if last and start + rows == self.manifest["total_rows"]:
             self.manifest["complete"] = True
         self._write_manifest()
-        self.buffer = {n: [a] for n, a in rest.items() if len(a)}
-        self.buffered_rows -= rows
         logger.debug("committed %s (rows %d-%d)", name, start, start + rows)
+
+    def _wait(self) -> None:
+        """Waits for the shard being written; its error, if any, is raised here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """Waits for the shard in flight (committed work is kept) and stops the writer thread."""
+        try:
+            self._wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
 
     def finish(self) -> None:
         """Commits the last partial shard and marks the run complete (one manifest write)."""
         if self.buffered_rows:
             self._commit(self.buffered_rows, last=True)
+        self.close()
         if self.rows_done != self.manifest["total_rows"]:
             raise InputError(
                 f"{self.folder}: {self.rows_done} rows written but the input has {self.manifest['total_rows']}"
