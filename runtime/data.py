@@ -63,7 +63,11 @@ class InputSource(Protocol):
     specs: dict[str, ArraySpec]
 
     def read(self, start: int, stop: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Rows ``[start, stop)`` of the named arrays (all when ``names`` is None)."""
+        """Rows ``[start, stop)`` of the named arrays (all when ``names`` is None).
+
+        The arrays may be read-only views of the file (``.npy`` and stored ``.npz``): copy
+        one before changing it in place.
+        """
         ...
 
     def close(self) -> None:

@@ -5,8 +5,8 @@ so fixed batch sizes are padded) over the same batches of real data, or of rando
 from the reference's input specs when there is none (the report then warns that random inputs
 are a weak signal). Per output it reports the metrics of :mod:`onnxpress.runtime.metrics`;
 with labels, each model's accuracy; each artifact's size on disk (external data included);
-each model's throughput at the batch size (median of timed runs after warm-up, the two models
-interleaved so machine noise hits both alike); optionally the per-node localization table of
+each model's throughput at the batch size (median of timed runs after warm-up, in blocks
+that alternate between the models so machine drift hits both alike); optionally the per-node localization table of
 :mod:`onnxpress.runtime.localize`. The verdict checks :class:`Tolerances`.
 
 The returned :class:`ValidationReport` serializes to the JSON the CLI writes (``to_dict``).
@@ -369,17 +369,23 @@ def _labels(
 def _measure_speed(
     reference: BatchRunner, candidate: BatchRunner, feeds: Mapping[str, np.ndarray], repeats: int, warmup: int = 2
 ) -> tuple[float, float]:
-    """Median samples/s of each model on one batch, runs interleaved after warm-up."""
+    """Median samples/s of each model on one batch.
+
+    Each model is timed in blocks of consecutive runs (after ``warmup`` untimed ones), the
+    blocks alternating twice, A B A B: drift on the machine hits both models alike, and no
+    run is slowed by the other session's spinning threads, as strict alternation would be.
+    """
     rows = len(next(iter(feeds.values())))
-    for _ in range(warmup):
-        reference.run_batch(feeds)
-        candidate.run_batch(feeds)
     times: dict[str, list[float]] = {"r": [], "c": []}
-    for _ in range(repeats):
+    blocks = [(repeats + 1) // 2, repeats // 2]
+    for block in blocks:
         for key, runner in (("r", reference), ("c", candidate)):
-            start = time.perf_counter()
-            runner.run_batch(feeds)
-            times[key].append(time.perf_counter() - start)
+            for _ in range(warmup):
+                runner.run_batch(feeds)
+            for _ in range(block):
+                start = time.perf_counter()
+                runner.run_batch(feeds)
+                times[key].append(time.perf_counter() - start)
     return rows / statistics.median(times["r"]), rows / statistics.median(times["c"])
 
 
