@@ -430,6 +430,8 @@ def assemble_parquet(folder: Path, output: Path, *, force: bool = False) -> None
         raise InputError(f"{folder}: the run is not complete; resume it first")
     if output.exists() and not force:
         raise InputError(f"{output}: the output already exists; pass --force to replace it")
+    for stale in output.parent.glob(f".{output.name}.*.tmp"):  # left by a run killed while assembling
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
     try:
