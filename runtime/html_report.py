@@ -13,6 +13,7 @@ import html
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.5em 0}td,th{padding:.25em .7em;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f5f5f5}
+td:first-child,th:first-child,td.t,th.t{text-align:left}th{background:#f5f5f5}
 .pass{color:#137333;font-weight:bold}.fail{color:#c5221f;font-weight:bold}.warn{color:#b06000}
 tr.worst td{background:#fff4e5}figure{display:inline-block;margin:.5em 1em .5em 0}figcaption{font-size:.9em;color:#555}
 """
@@ -43,8 +44,8 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
     return format(value, spec)
 
 
-def bar_chart(labels: list[str], values: list[float], *, title: str, unit: str, width: int = 420,
-              color: str = "#4c78a8") -> str:
+def bar_chart(labels: list[str], values: list[float], *, title: str, fmt: Callable[[float], str],
+              width: int = 420, color: str = "#4c78a8") -> str:
     """A horizontal bar chart as inline SVG."""
     row, left, right = 28, 110, 90
     height = row * len(labels) + 30
@@ -56,7 +57,7 @@ def bar_chart(labels: list[str], values: list[float], *, title: str, unit: str, 
         w = max(1.0, (width - left - right) * value / top)
         parts.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" font-size="12">{_esc(label)}</text>')
         parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{row - 8}" fill="{color}"/>')
-        parts.append(f'<text x="{left + w + 4:.1f}" y="{y + 15}" font-size="12">{_esc(unit.format(value))}</text>')
+        parts.append(f'<text x="{left + w + 4:.1f}" y="{y + 15}" font-size="12">{_esc(fmt(value))}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -127,27 +128,28 @@ def render_html(report: ValidationReport) -> str:
     out.append("</table>")
     out.append("<figure>" + bar_chart(["reference", "candidate"],
                                       [report.reference.size_bytes, report.candidate.size_bytes],
-                                      title="size on disk", unit="{:.3g} B") +
+                                      title="size on disk", fmt=human_bytes) +
                f"<figcaption>size on disk (ratio {_fmt(report.size_ratio, '.3f')}x)</figcaption></figure>")
     if report.speedup is not None:
         out.append("<figure>" + bar_chart(["reference", "candidate"],
                                           [report.reference.samples_per_second or 0.0,
                                            report.candidate.samples_per_second or 0.0],
-                                          title="throughput", unit="{:.1f}/s", color="#f28e2b") +
+                                          title="throughput", fmt=lambda v: f"{v:,.0f}/s", color="#f28e2b") +
                    f"<figcaption>samples/s at batch {report.batch_size}, median of {report.speed_repeats} runs "
                    f"(speedup {report.speedup:.3f}x)</figcaption></figure>")
     if report.localization is not None:
         out.append(f"<h2>Localization</h2><p>{len(report.localization)} nodes, ranked by the noise-to-signal power "
-                   "each adds to what reaches it (node SQNR = the SQNR it would have with exact inputs) (the worst ten highlighted).</p>")
-        out.append('<table id="localization"><tr><th>#</th><th>node</th><th>op</th><th>output</th>'
-                   "<th>candidate op</th><th>SQNR in dB</th><th>SQNR out dB</th><th>node SQNR dB</th><th>added NSR</th>"
-                   "<th>rel L2</th></tr>")
+                   "each adds when fed the reference's exact inputs (node SQNR); span: the reference nodes the row covers (the worst ten highlighted).</p>")
+        out.append('<table id="localization"><tr><th>#</th><th class="t">node</th><th class="t">op</th>'
+                   '<th class="t">output</th><th class="t">candidate op</th><th>SQNR in dB</th><th>SQNR out dB</th>'
+                   '<th>node SQNR dB</th><th>added NSR</th><th>rel L2</th><th class="t">span</th></tr>')
         for i, e in enumerate(report.localization, start=1):
             cls = ' class="worst"' if i <= 10 else ""
-            out.append(f"<tr{cls}><td>{i}</td><td>{_esc(e.node or '<unnamed>')}</td><td>{_esc(e.op_type)}</td>"
-                       f"<td>{_esc(e.output)}</td><td>{_esc(e.candidate_op_type)}</td><td>{e.sqnr_in_db:.1f}</td>"
+            out.append(f"<tr{cls}><td>{i}</td><td class=\"t\">{_esc(e.node or '<unnamed>')}</td>"
+                       f"<td class=\"t\">{_esc(e.op_type)}</td><td class=\"t\">{_esc(e.output)}</td>"
+                       f"<td class=\"t\">{_esc(e.candidate_op_type)}</td><td>{e.sqnr_in_db:.1f}</td>"
                        f"<td>{e.sqnr_out_db:.1f}</td><td>{e.node_sqnr_db:.1f}</td><td>{e.added_error:.3g}</td>"
-                       f"<td>{e.rel_l2_error:.3g}</td></tr>")
+                       f"<td>{e.rel_l2_error:.3g}</td><td class=\"t\">{_esc(', '.join(e.span))}</td></tr>")
         out.append("</table>")
     out.append(f"<p><small>onnxpress validation, {report.seconds:.2f}s</small></p></body></html>")
     return "\n".join(out)
