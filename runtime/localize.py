@@ -165,7 +165,13 @@ def _as_model(model: ModelLike) -> tuple[ir.Model, bool]:
     """The model as onnx_ir and whether it is our own copy (a path we loaded)."""
     if isinstance(model, ir.Model):
         return model, False
-    return load_model(model), True
+    try:
+        return load_model(model), True
+    except InputError as exc:
+        raise InputError(
+            f"localization reads the graph with onnxpress.model_io.load_model, which cannot read {model}: {exc} "
+            "(for a packed .onnxz, localize against the .onnx it was packed from)"
+        ) from exc
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
