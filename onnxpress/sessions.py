@@ -16,12 +16,18 @@ from onnxpress.packing.limits import Limits
 from onnxpress.packing.unpack import is_packed, packed_session
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Session options with ``threads`` intra-op threads (onnxruntime's default when None)."""
+def session_options(threads: int | None = None, *, spinning: bool = True) -> ort.SessionOptions:
+    """Session options with ``threads`` intra-op threads (onnxruntime's default when None).
+
+    ``spinning=False`` stops idle intra-op threads from busy-waiting for work; two sessions
+    that take turns (a validation) otherwise steal each other's cores.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -30,6 +36,7 @@ def load_session(
     *,
     threads: int | None = None,
     limits: Limits | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a model file.
 
@@ -37,6 +44,7 @@ def load_session(
         path: A ``.onnx`` file (external data beside it is found by onnxruntime), or a
             packed ``.onnxz``, which is decoded in memory (no temporary file below 2 GB).
         threads: Intra-op threads; onnxruntime's default when None.
+        spinning: Let idle intra-op threads spin (fastest for one session at a time).
         limits: What a packed file may declare before it is decoded (decompression-bomb
             guard); :data:`onnxpress.packing.DEFAULT_LIMITS` when None.
 
@@ -50,7 +58,7 @@ def load_session(
     if is_packed(path):
         try:
             return packed_session(
-                path, session_options(threads), ["CPUExecutionProvider"], limits=limits
+                path, session_options(threads, spinning=spinning), ["CPUExecutionProvider"], limits=limits
             )
         except InputError:
             raise
@@ -58,7 +66,7 @@ def load_session(
             raise InputError(f"{path}: onnxruntime cannot load the packed model: {exc}") from exc
     try:
         return ort.InferenceSession(
-            str(path), session_options(threads), providers=["CPUExecutionProvider"]
+            str(path), session_options(threads, spinning=spinning), providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # onnxruntime raises its own exception types
         raise InputError(f"{path}: onnxruntime cannot load the model: {exc}") from exc

@@ -34,6 +34,7 @@ from onnxpress.runtime.data import ArraySource, InputSource, iter_slices, open_s
 from onnxpress.runtime.localize import NodeError, localize as localize_nodes
 from onnxpress.runtime.metrics import OutputMetrics
 from onnxpress.runtime.runner import BatchRunner, InputSpec
+from onnxpress.sessions import load_session
 
 logger = logging.getLogger(__name__)
 
@@ -480,8 +481,15 @@ def validate(
         raise InputError("speed repeats and localization batches must be at least 1")
     tolerances = tolerances or Tolerances()
     warnings: list[str] = []
-    ref_runner = BatchRunner(reference, batch_size=batch_size, threads=threads)
-    cand_runner = BatchRunner(candidate, batch_size=batch_size, threads=threads)
+    # The two sessions take turns: with spinning threads each would steal the other's cores.
+    ref_runner = BatchRunner(
+        reference, batch_size=batch_size,
+        session=load_session(reference, threads=threads, spinning=False),
+    )
+    cand_runner = BatchRunner(
+        candidate, batch_size=batch_size,
+        session=load_session(candidate, threads=threads, spinning=False),
+    )
     fixed = [b for b in (ref_runner.fixed_batch, cand_runner.fixed_batch) if b is not None]
     if fixed:
         batch_size = min(fixed)
