@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
+from onnxpress.atomic import atomic_open
 from onnxpress.graphs import constant_tensors
 from onnxpress.pipeline import StepRecord
 from onnxpress.stats import ModelStats
@@ -67,16 +67,9 @@ def steps_table(records: list[StepRecord]) -> str:
 
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
     """Writes JSON atomically (temporary file beside the target, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
 
 
 def model_file_bytes(path: str | os.PathLike[str], model: ir.Model) -> int:

@@ -128,7 +128,6 @@ class _RowFile:
         if self.fortran:
             return np.ascontiguousarray(self._array[start:stop])
         begin = self.offset + start * self.row_bytes
-        end = self.offset + stop * self.row_bytes
         page = mmap.PAGESIZE
         # Dropping pages costs about as much as faulting them in: once per window, not per batch.
         floor = begin // page * page

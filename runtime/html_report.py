@@ -12,12 +12,12 @@ from __future__ import annotations
 import html
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from onnxpress.atomic import atomic_open
 from onnxpress.report import human_bytes
 from onnxpress.runtime.metrics import HISTOGRAM_EDGES, OutputMetrics
 from onnxpress.runtime.validate import ValidationReport
@@ -157,13 +157,6 @@ def render_html(report: ValidationReport) -> str:
 
 def write_html(report: ValidationReport, path: str | os.PathLike[str]) -> Path:
     """Writes :func:`render_html` atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(render_html(report))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(render_html(report))
+    return Path(path)

@@ -36,6 +36,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from onnxpress.atomic import atomic_open, publish
 from onnxpress.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -64,19 +65,6 @@ def run_fingerprint(model: Path, data: Path, rows: int, batch_size: int) -> dict
     return {"model": _file_fingerprint(model), "input": _file_fingerprint(data), "rows": rows, "batch_size": batch_size}
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes, *, sync: bool = True) -> tuple[int, str]:
     """Writes a temporary file beside ``path``, syncs it, and renames it into place.
 
@@ -89,28 +77,18 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes, *, syn
     Returns:
         The size and SHA-256 of what was written (hashed from the file: nothing is held twice).
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            if isinstance(write, bytes):
-                f.write(write)
-            else:
-                write(f)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-            size = f.tell()
-            f.seek(0)
-            hasher = hashlib.sha256()
-            while chunk := f.read(1 << 20):
-                hasher.update(chunk)
-            digest = hasher.hexdigest()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if sync:
-        _fsync_dir(path.parent)
+    with atomic_open(path, "w+b", sync=sync) as f:
+        if isinstance(write, bytes):
+            f.write(write)
+        else:
+            write(f)
+        f.flush()
+        size = f.tell()
+        f.seek(0)
+        hasher = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+        digest = hasher.hexdigest()
     return size, digest
 
 
@@ -443,7 +421,7 @@ def assemble_parquet(folder: Path, output: Path, *, force: bool = False) -> None
             writer.write_table(table)
         if writer is not None:
             writer.close()
-        os.replace(tmp, output)
+        publish(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -24,7 +24,6 @@ model saved with external data) must be a bare, safe file name.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,16 +47,6 @@ ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 _MEMBER_RE = re.compile(r"^t/[0-9]{6,12}\.bin$")
 _SAFE_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
 
-
-def publish(tmp: os.PathLike[str] | str, target: os.PathLike[str] | str) -> None:
-    """Renames a finished temporary file into place with the usual permissions (0666 & ~umask).
-
-    ``tempfile.mkstemp`` makes files readable by their owner only; outputs should not be.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, target)
 
 
 def tensor_member(index: int) -> str:
@@ -391,9 +380,9 @@ def _tensor_paths(descriptor: Any) -> tuple[tuple[str, bool], ...]:
         if field.type == field.TYPE_MESSAGE and field.message_type.full_name in found
     )
     _PATHS[descriptor.full_name] = paths
-    for field in descriptor.fields:
-        if field.type == field.TYPE_MESSAGE and field.message_type.full_name in found:
-            _tensor_paths(field.message_type)
+    for child in descriptor.fields:
+        if child.type == child.TYPE_MESSAGE and child.message_type.full_name in found:
+            _tensor_paths(child.message_type)
     return paths
 
 

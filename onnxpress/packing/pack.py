@@ -25,7 +25,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from onnxpress import __version__
 from onnxpress.errors import InputError
 from onnxpress.packing import codecs
 from onnxpress.packing.parallel import bounded_map
+from onnxpress.atomic import publish
 from onnxpress.packing.format import (
     GRAPH_MEMBER,
     MANIFEST_MEMBER,
@@ -55,7 +56,6 @@ from onnxpress.packing.format import (
     external_info,
     is_safe_file_name,
     iter_tensor_protos,
-    publish,
     tensor_member,
 )
 

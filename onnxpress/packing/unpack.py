@@ -42,6 +42,7 @@ import onnxruntime as ort
 
 from onnxpress.errors import InputError
 from onnxpress.packing import codecs
+from onnxpress.atomic import publish
 from onnxpress.packing.format import (
     GRAPH_MEMBER,
     MANIFEST_MEMBER,
@@ -54,7 +55,6 @@ from onnxpress.packing.format import (
     iter_tensor_protos,
     marker_index,
     pop_marker,
-    publish,
 )
 from onnxpress.packing.limits import DEFAULT_LIMITS, Limits
 from onnxpress.packing.parallel import bounded_map, decoding_pool
