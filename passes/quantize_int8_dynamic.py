@@ -36,12 +36,14 @@ preset keeps the safe default and lets ``auto_exclude`` recover the difference.
 Embedding tables (``Gather`` on a constant ``[V, D]`` table, axis 0) are stored as int8 with
 one scale per row, decoded after the lookup (``Gather`` of the int8 rows and of their scales,
 ``Cast``, ``Mul``), so only the looked-up rows are ever dequantized. ``Conv`` weights are stored
-as int8 per output channel behind a ``DequantizeLinear`` (the convolution stays in float: int8
+as int8 per output channel, read back by ``Cast`` and ``Mul`` (the convolution stays in float: int8
 convolution with per-row scales has no standard op).
 
 Excluded nodes (by name, glob or op type, or chosen by ``auto_exclude``) compute in float; with
 ``excluded_weights: int8`` their weights are still *stored* in 8 bits (per-channel
-``DequantizeLinear``), which keeps the file small while the arithmetic stays exact.
+``Cast`` + ``Mul``, which onnxruntime folds into a float weight at load time; not
+``DequantizeLinear``, which it would turn into a slower 8-bit ``MatMulNBits``), which keeps the
+file small while the arithmetic stays float32.
 
 ``auto_exclude`` needs calibration batches: it quantizes, measures the mean cosine of every
 float output against the original on those batches, and while it is below ``target_cosine``
@@ -267,14 +269,13 @@ class _Quantizer:
         q, scale = quantize_symmetric(w, 8, axis=axis)
         base = node.inputs[index].name or "weight"
         qv = b.const(q, self._name(b.graph, f"{base}_int8"))
-        if self.opset >= 13:
-            sv = b.const(scale.reshape(-1), self._name(b.graph, f"{base}_scale"))
-            zp = b.const(np.zeros(scale.size, np.int8), self._name(b.graph, f"{base}_zero_point"))
-            deq = b.op("DequantizeLinear", [qv, sv, zp], {"axis": axis}, name=self._name(b.graph, f"{base}_dequantize"))
-        else:
-            sv = b.const(scale, self._name(b.graph, f"{base}_scale"))
-            cast = b.op("Cast", [qv], {"to": ir.DataType.FLOAT}, name=self._name(b.graph, f"{base}_cast"))
-            deq = b.op("Mul", [cast, sv], name=self._name(b.graph, f"{base}_dequantize"))
+        # Cast + Mul rather than DequantizeLinear: onnxruntime folds this constant expression
+        # into a float weight when it loads the model (the arithmetic stays float32), whereas
+        # it rewrites DequantizeLinear -> MatMul into an 8-bit MatMulNBits, which is slower
+        # than float32 on CPUs without VNNI.
+        sv = b.const(scale, self._name(b.graph, f"{base}_scale"))
+        cast = b.op("Cast", [qv], {"to": ir.DataType.FLOAT}, name=self._name(b.graph, f"{base}_cast"))
+        deq = b.op("Mul", [cast, sv], name=self._name(b.graph, f"{base}_dequantize"))
         b.flush_before(node)
         node.replace_input_with(index, deq)
         self.weight_only.append(node.name or node.op_type)
