@@ -149,6 +149,7 @@ def minilm_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
         ("magnitude, per layer", {"sparsity": 0.5, "scope": "per-layer"}),
         ("Wanda |W|*||X||, per row", {"sparsity": 0.5, "scope": "per-layer", "score": "activation", "granularity": "row"}),
         ("SparseGPT, per row", {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row"}),
+        ("SparseGPT, per row, sequential", {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row", "sequential": True}),
     ]
     for label, options in configs:
         options = dict(options, calibration_batches=len(calibration), ops=("MatMul",))
