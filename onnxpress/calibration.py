@@ -101,6 +101,7 @@ class CalibrationData:
         if fixed is not None and fixed.fixed_batch != self.batch_size and self.num_samples >= fixed.fixed_batch:
             logger.info("calibration: the model's batch is fixed at %d; using batches of that size", fixed.fixed_batch)
             self.batch_size = int(fixed.fixed_batch)
+            self.num_samples -= self.num_samples % self.batch_size  # no short last batch
         check_source(specs, self.source.specs, str(self.path))
         self._names = [s.name for s in specs]
         self._dtypes = {s.name: s.dtype for s in specs}

@@ -424,7 +424,9 @@ class QuantizeInt8DynamicPass(OnnxpressPass):
             node_filter, auto = auto_exclude(
                 model, node_filter, self._calibration_batches(model), self._quantize_copy,
                 target_cosine=config.target_cosine, max_excluded=config.max_excluded,
-                quantizable=lambda n: n.op_type in config.op_types, progress=self._report,
+                # MatMul/Gemm only: keeping an embedding Gather in float would undo most of the size saving
+                quantizable=lambda n: n.op_type in ("MatMul", "Gemm") and n.op_type in config.op_types,
+                progress=self._report,
             )
         quantizer = quantize_dynamic_int8(model, config, node_filter)
         self.details = {
