@@ -207,9 +207,11 @@ class _Quantizer:
                 continue
             producer = value.producer()
             if producer is not None:
-                graph.remove(producer, safe=True)
-            elif isinstance(graph, ir.Graph) and value.name in graph.initializers:
-                del graph.initializers[value.name]
+                (producer.graph or graph).remove(producer, safe=True)
+                continue
+            owner = value.graph if isinstance(value.graph, ir.Graph) else graph  # a subgraph may read the main graph's weight
+            if isinstance(owner, ir.Graph) and owner.initializers.get(value.name) is value:
+                del owner.initializers[value.name]
 
     def _quantized_weight(
         self, b: _Builder, weight_value: ir.Value, w: np.ndarray, transpose: bool, cache: dict, bits: int

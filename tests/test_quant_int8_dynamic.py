@@ -191,3 +191,24 @@ def test_unchanged_when_nothing_to_quantize(rng):
     model = to_ir(with_weights(text, {}))
     result = QuantizeInt8DynamicPass()(model)
     assert not result.modified
+
+
+def test_walks_into_subgraphs(rng):
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (bool c, float[N, 64] x) => (float[N, 48] y) {
+        y = If (c) <
+            then_branch = t () => (float[N, 48] a) { a = MatMul (x, W) },
+            else_branch = e () => (float[N, 48] b) { b = MatMul (x, W) }
+        >
+    }
+    """
+    proto = with_weights(text, {"W": rng.standard_normal((64, 48)).astype(np.float32)})
+    model, step = _quantize(proto, min_elements=0)
+    assert step.details["quantized"] == 2
+    assert "W" not in model.graph.initializers  # the float weight both branches read is gone
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    for flag in (True, False):
+        feeds = {"c": np.array(flag), "x": x}
+        (ref,), (got,) = run_ort(proto, feeds), run_ort(model, feeds)
+        assert rel_error(ref, got) < 0.02
