@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnxpress.passes.registry import get_pass
+from onnxpress.runtime import Tolerances, validate
 
 from onnxpress.model_io import load_model, save_model
-from onnxpress.passes.registry import get_pass
 from onnxpress.report import format_table
-from onnxpress.runtime import Tolerances, validate
 
 logger = logging.getLogger("prune_bench")
 
@@ -69,7 +69,11 @@ def conv_channels(path: Path) -> int:
 
 
 def digits_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
-    from onnxpress.models.digits import digits_cnn_path, load_digits_calib, load_digits_test
+    from onnxpress.models.digits import (
+        digits_cnn_path,
+        load_digits_calib,
+        load_digits_test,
+    )
 
     source = digits_cnn_path()
     images, labels = load_digits_test()

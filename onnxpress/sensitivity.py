@@ -230,7 +230,7 @@ def analyze(
     """
     if method not in METHODS:
         raise InputError(f"sensitivity: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    levels = tuple(sorted(set(float(level) for level in levels)))
+    levels = tuple(sorted({float(level) for level in levels}))
     if not levels or any(not 0.0 < level < 1.0 for level in levels):
         raise InputError(f"sensitivity: levels must be fractions in (0, 1), got {list(levels)}")
     options = dict(options or {})

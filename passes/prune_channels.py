@@ -62,8 +62,6 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-
-from onnxpress.graphs import constant_value, describe_node, graph_likes, infer_shapes
 from onnxpress.passes.base import Needs, OnnxpressPass, option
 from onnxpress.passes.pruning_common import (
     WEIGHT_OPS,
@@ -74,14 +72,16 @@ from onnxpress.passes.pruning_common import (
     matches,
     new_initializer,
     parse_ratios,
-    reconstruct_outputs,
     ratio_for,
+    reconstruct_outputs,
     set_constant,
     take_batches,
     weight_layer,
     weight_macs,
 )
 from onnxpress.passes.registry import register
+
+from onnxpress.graphs import constant_value, describe_node, graph_likes, infer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -609,7 +609,7 @@ class PruneChannelsPass(OnnxpressPass):
             importance = self._importance(group, criterion, stats, centred=cfg.compensation != "none")
             keep = max(1, group.channels - round(ratio * group.channels))
             if cfg.round_to > 1:  # the nearest multiple: onnxruntime's blocked kernels want 8 or 16
-                keep = max(cfg.round_to, int(round(keep / cfg.round_to)) * cfg.round_to)
+                keep = max(cfg.round_to, round(keep / cfg.round_to) * cfg.round_to)
             keep = min(keep, group.channels)
             kept = np.sort(np.argsort(-importance, kind="stable")[:keep])
             keeps.append(kept)
@@ -632,7 +632,7 @@ class PruneChannelsPass(OnnxpressPass):
                 "producers": [t.producer.name for t in group.traces],
                 "consumers": [layer.name for layer, _ in group.consumers()],
                 "channels_before": group.channels,
-                "channels_after": int(len(kept)),
+                "channels_after": len(kept),
             }
         for graph in graph_likes(model):
             for node in graph:

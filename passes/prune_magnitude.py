@@ -43,7 +43,6 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxpress.passes.base import Needs, OnnxpressPass, option
 from onnxpress.passes.pruning_common import (
     WEIGHT_OPS,
@@ -401,7 +400,7 @@ class PruneMagnitudePass(OnnxpressPass):
         if layer.node.op_type == "Conv" and cfg.pattern is not None:
             return None
         weight = weight_matrix(layer, array.astype(np.float64)).T.copy()
-        rows, cols = weight.shape
+        cols = weight.shape[1]
         if gram.shape != (cols, cols):
             return None
         if target_map is not None:  # min ||W X - W' X~||: prune W M against X~ instead

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import math
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -44,9 +44,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxpress.passes.base import CalibrationBatch
 
 from onnxpress.graphs import constant_value, describe_node, graph_likes
-from onnxpress.passes.base import CalibrationBatch
 from onnxpress.sessions import session_options
 
 logger = logging.getLogger(__name__)

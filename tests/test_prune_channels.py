@@ -13,11 +13,11 @@ import onnx.helper as oh
 import onnx.numpy_helper as nh
 import onnx_ir as ir
 import pytest
-
 from conftest import assert_bit_identical, random_feeds, run_ort
+from onnxpress.passes.registry import get_pass
+
 from onnxpress.errors import RecipeError
 from onnxpress.pipeline import Pipeline
-from onnxpress.passes.registry import get_pass
 from onnxpress.recipes import parse_recipe
 
 PruneChannels = get_pass("prune-channels")
@@ -198,7 +198,7 @@ def test_transformer_mlp_through_bias_and_erf_gelu(rng):
         oh.make_node("Add", ["o", "b2"], ["y"]),
     ]
     proto = _build(nodes, inits, [("x", ["N", 7, 16])], [("y", ["N", 7, 16])])
-    pruned, instance, modified = _prune(proto, ratio=0.25, criterion="l1")
+    pruned, _, modified = _prune(proto, ratio=0.25, criterion="l1")
     assert modified
     shapes = _shapes(pruned)
     assert shapes["w1"] == (16, 24) and shapes["b1"] == (24,) and shapes["w2"] == (24, 16) and shapes["b2"] == (16,)

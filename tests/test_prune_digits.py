@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
 from conftest import run_ort
-from onnxpress.model_io import load_model
 from onnxpress.models.digits import digits_cnn_path, load_digits_calib, load_digits_test
 from onnxpress.passes.registry import get_pass
+
+from onnxpress.model_io import load_model
 
 
 def _accuracy(model: ir.Model) -> float:

@@ -9,13 +9,13 @@ import onnx.numpy_helper as nh
 import onnx_ir as ir
 import pytest
 import yaml
+from conftest import assert_bit_identical, parse, random_feeds, run_ort
+from onnxpress.passes.registry import get_pass
 
 from onnxpress.cli import main
 from onnxpress.errors import PassFailedError, RecipeError
 from onnxpress.pipeline import Pipeline
-from onnxpress.passes.registry import get_pass
 from onnxpress.recipes import parse_recipe
-from conftest import assert_bit_identical, parse, random_feeds, run_ort
 
 PruneMagnitude = get_pass("prune-magnitude")
 

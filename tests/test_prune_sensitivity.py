@@ -16,7 +16,13 @@ from onnxpress.cli import main
 from onnxpress.errors import InputError
 from onnxpress.pipeline import Pipeline
 from onnxpress.recipes import parse_recipe
-from onnxpress.sensitivity import LayerSensitivity, SensitivityReport, analyze, choose_ratios, glob_escape
+from onnxpress.sensitivity import (
+    LayerSensitivity,
+    SensitivityReport,
+    analyze,
+    choose_ratios,
+    glob_escape,
+)
 
 
 def _mlp(rng: np.random.Generator, path) -> None:
