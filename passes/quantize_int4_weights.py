@@ -69,6 +69,58 @@ class QuantizeInt4WeightsConfig:
             raise ValueError(f"target_cosine must be within (0, 1], got {self.target_cosine}")
 
 
+def gemm_to_matmul(model: ir.Model, node_filter: NodeFilter) -> int:
+    """Rewrites ``Gemm(A, B, C)`` with a constant 2-D ``B`` as ``MatMul(A, B') [* alpha] [+ beta * C]``.
+
+    ``B' = B^T`` when ``transB``; the transposed weight is a new constant. MatMulNBits replaces
+    only MatMul, and exporters (torch's ``nn.Linear``) write Gemm.
+    """
+    import numpy as np
+
+    from onnxpress.passes.quant_common import float_weight
+
+    count = 0
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or node_filter.excludes(node):
+            continue
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        w = float_weight(node.inputs[1]) if len(node.inputs) > 1 else None
+        if attrs.get("transA", 0) or w is None or w.ndim != 2:
+            continue
+        if attrs.get("transB", 0):
+            w = np.ascontiguousarray(w.T)
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        base = node.name or "Gemm"
+        weight = ir.Value(name=f"{node.inputs[1].name}_matmul", const_value=ir.tensor(w * np.float32(alpha)),
+                          shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT))
+        graph.register_initializer(weight)
+        matmul = ir.node("MatMul", [node.inputs[0], weight], name=base)
+        new_nodes = [matmul]
+        result = matmul.outputs[0]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None:
+            if beta != 1.0:
+                scale = ir.Value(name=f"{base}_beta", const_value=ir.tensor(np.array(beta, np.float32)),
+                                 shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+                graph.register_initializer(scale)
+                bias_node = ir.node("Mul", [bias, scale], name=f"{base}/beta")
+                new_nodes.append(bias_node)
+                bias = bias_node.outputs[0]
+            add = ir.node("Add", [result, bias], name=f"{base}/bias")
+            new_nodes.append(add)
+            result = add.outputs[0]
+        graph.insert_before(node, new_nodes)
+        old = node.outputs[0]
+        name = old.name
+        result.shape, result.type = old.shape, old.type
+        ir.convenience.replace_all_uses_with(old, result, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        result.name = name
+        count += 1
+    return count
+
+
 def quantize_int4(model: ir.Model, config: QuantizeInt4WeightsConfig, node_filter: NodeFilter) -> ir.Model:
     """A copy of ``model`` with 4-bit weights (excluded MatMuls in 8 bits or float)."""
     import onnx
@@ -78,6 +130,9 @@ def quantize_int4(model: ir.Model, config: QuantizeInt4WeightsConfig, node_filte
         MatMulNBitsQuantizer,
     )
 
+    if any(n.op_type == "Gemm" for n in model.graph):
+        model = model.clone()
+        gemm_to_matmul(model, node_filter)
     excluded = node_filter.excluded_names(model)
     excluded_matmuls = [n.name for n in model.graph if n.name in set(excluded) and n.op_type == "MatMul"]
     accuracy = config.accuracy_level or None
@@ -101,7 +156,15 @@ def quantize_int4(model: ir.Model, config: QuantizeInt4WeightsConfig, node_filte
                     block_size=config.block_size, is_symmetric=config.symmetric,
                     op_types_to_quantize=("Gather",), bits=4,
                 )
+                opsets = {o.domain: o.version for o in proto.opset_import}
                 proto = _apply(MatMulNBitsQuantizer(proto, algo_config=gather, nodes_to_exclude=excluded))
+                # onnxruntime's quantizer raises the default opset to 21 for the 4-bit tables
+                # without converting a single op (a ReduceMean's 'axes' attribute is invalid from
+                # opset 18 on). The tables are com.microsoft ops whose uint4 initializers need
+                # IR version 10, not opset 21, so the model's own opset is put back.
+                for entry in proto.opset_import:
+                    if entry.domain in opsets:
+                        entry.version = opsets[entry.domain]
             if excluded_matmuls and config.excluded_weights == "int8":
                 eight = DefaultWeightOnlyQuantConfig(
                     block_size=config.block_size, is_symmetric=config.symmetric,
