@@ -9,10 +9,12 @@ the original and of the candidate (each sample's output flattened), taken for th
 
 The search quantizes everything once, and when ``F`` is below the target asks
 :func:`onnxpress.runtime.localize` to rank the nodes by the error each one adds when fed exact
-inputs. It then keeps the worst-ranked quantized nodes in float one at a time, re-quantizing
-and re-measuring ``F`` after each, until the target is met or ``max_excluded`` nodes are kept.
-One localization (three sessions over every intermediate) is the expensive step; each further
-step is one quantization and one run of the batches.
+inputs. The ``max_excluded + 4`` worst are then probed: each is kept out alone and ``F``
+measured, because what a node costs at the outputs also depends on the layers after it. In
+order of the fidelity each reached alone, nodes are kept out one at a time, re-quantizing and
+re-measuring ``F`` after each, until the target is met or ``max_excluded`` nodes are kept.
+One localization (three sessions over every intermediate) is the expensive step; each probe
+and step is one quantization and one run of the batches.
 """
 
 from __future__ import annotations
@@ -111,6 +113,18 @@ def auto_exclude(
                 if quantizable is not None and not quantizable(node):
                     continue
                 order.append(name)
+        # The localization ranks nodes by the error each adds from exact inputs; what a node
+        # costs at the outputs also depends on what follows it. So the leading candidates are
+        # tried one by one and taken in order of the fidelity each reaches alone.
+        probe = order[: max_excluded + 4]
+        alone: dict[str, float] = {}
+        for index, name in enumerate(probe, start=1):
+            trial = NodeFilter(base.nodes + (name,), base.op_types)
+            alone[name] = fidelity(reference, run_outputs(quantize(model, trial), batches))
+            if progress is not None:
+                progress(index, len(probe), f"probed {name}: cosine {alone[name]:.5f}")
+        order = sorted(probe, key=lambda n: -alone[n]) + order[len(probe):]
+        record["probed"] = {n: round(v, 6) for n, v in alone.items()}
         for step, name in enumerate(order[:max_excluded], start=1):
             kept.append(name)
             trial = NodeFilter(base.nodes + tuple(kept), base.op_types)
