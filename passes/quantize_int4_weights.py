@@ -28,7 +28,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import onnx_ir as ir
 
@@ -36,6 +36,10 @@ from onnxpress.calibration import checked_batches
 from onnxpress.passes.base import Needs, OnnxpressPass, option
 from onnxpress.passes.quant_common import NodeFilter, adopt, check_exclusions, load_for_adopt, to_proto_file
 from onnxpress.passes.registry import register
+
+if TYPE_CHECKING:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +183,8 @@ def quantize_int4(model: ir.Model, config: QuantizeInt4WeightsConfig, node_filte
         return load_for_adopt(out)
 
 
-def _apply(quantizer) -> object:
+def _apply(quantizer: MatMulNBitsQuantizer) -> onnx.ModelProto:
+    """Runs onnxruntime's quantizer and returns its model."""
     quantizer.process()
     return quantizer.model.model
 

@@ -35,6 +35,7 @@ import contextlib
 import io
 import logging
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.calibration import checked_batches
-from onnxpress.passes.base import Needs, OnnxpressPass, option
+from onnxpress.passes.base import Needs, OnnxpressPass, ProgressCallback, option
 from onnxpress.passes.quant_common import NodeFilter, adopt, check_exclusions, load_for_adopt, to_proto_file
 from onnxpress.passes.registry import register
 
@@ -91,10 +92,10 @@ class _OneBatch:
 
 def quantize_static_int8(
     model: ir.Model,
-    batches,
+    batches: Iterable[Mapping[str, np.ndarray]],
     config: QuantizeInt8StaticConfig,
     node_filter: NodeFilter,
-    progress=None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[ir.Model, int]:
     """A QDQ-quantized copy of ``model`` and the number of batches calibrated on."""
     from onnxruntime.quantization import CalibrationMethod, QuantType
