@@ -116,10 +116,11 @@ class Pipeline:
         """
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         for step in self.steps:
-            needs = step.pass_cls.needs
+            needs = step.pass_cls.needs_for(step.config)
             if needs.calibration and not has_calibration:
+                why = f" for {needs.calibration_when}" if needs.calibration_when and not step.pass_cls.needs.calibration else ""
                 raise RecipeError(
-                    f"{step.key} ({step.name}) needs calibration data: pass --data FILE.npz"
+                    f"{step.key} ({step.name}) needs calibration data{why}: pass --data FILE.npz"
                 )
             if needs.min_opset is not None and opset < needs.min_opset:
                 raise RecipeError(

@@ -43,16 +43,21 @@ class Needs:
     Attributes:
         calibration: Batches of real inputs (an iterable of ``{input_name: array}``).
         min_opset: The lowest default-domain opset the model must import.
+        calibration_when: For passes whose need depends on options: the options that need
+            calibration data, for ``onnxpress passes`` (``needs_for`` decides).
     """
 
     calibration: bool = False
     min_opset: int | None = None
+    calibration_when: str = ""
 
     def describe(self) -> str:
         """A short human description, ``-`` when the pass needs nothing."""
         parts = []
         if self.calibration:
             parts.append("calibration data")
+        elif self.calibration_when:
+            parts.append(f"calibration data when {self.calibration_when}")
         if self.min_opset is not None:
             parts.append(f"opset >= {self.min_opset}")
         return ", ".join(parts) or "-"
@@ -87,20 +92,26 @@ class OnnxpressPass(ir.passes.InPlacePass):
         self.progress = progress
 
     @classmethod
+    def needs_for(cls, config: Any) -> Needs:
+        """What this pass needs with ``config``; passes whose needs depend on options override it."""
+        return cls.needs
+
+    @classmethod
     def summary(cls) -> str:
         """The first line of the pass's docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
     def requires(self, model: ir.Model) -> None:
         """Checks the declared needs against the model (onnx_ir calls this before ``call``)."""
-        if self.needs.min_opset is not None:
+        needs = self.needs_for(self.config)
+        if needs.min_opset is not None:
             opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-            if opset < self.needs.min_opset:
+            if opset < needs.min_opset:
                 raise ir.passes.PreconditionError(
-                    f"pass '{self.name}' needs opset >= {self.needs.min_opset}, "
+                    f"pass '{self.name}' needs opset >= {needs.min_opset}, "
                     f"the model imports opset {opset}"
                 )
-        if self.needs.calibration and self.calibration is None:
+        if needs.calibration and self.calibration is None:
             raise ir.passes.PreconditionError(f"pass '{self.name}' needs calibration data")
 
     def _report(self, done: int, total: int, message: str) -> None:

@@ -516,16 +516,12 @@ class PruneChannelsPass(OnnxpressPass):
 
     name = "prune-channels"
     Config = PruneChannelsConfig
-    needs = Needs(calibration=False)
+    needs = Needs(calibration_when="criterion is activation or compensation is not none")
 
-    def requires(self, model: ir.Model) -> None:
-        super().requires(model)
-        cfg = self.config
-        if self.calibration is None and (cfg.compensation != "none" or cfg.criterion == "activation"):
-            what = f"compensation={cfg.compensation}" if cfg.compensation != "none" else "criterion=activation"
-            raise ir.passes.PreconditionError(
-                f"pass 'prune-channels' needs calibration data for {what}: pass --data FILE.npz"
-            )
+    @classmethod
+    def needs_for(cls, config: PruneChannelsConfig) -> Needs:
+        calibration = config.compensation != "none" or config.criterion == "activation"
+        return Needs(calibration=calibration, calibration_when=cls.needs.calibration_when)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

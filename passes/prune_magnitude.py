@@ -208,19 +208,16 @@ class PruneMagnitudePass(OnnxpressPass):
 
     name = "prune-magnitude"
     Config = PruneMagnitudeConfig
-    needs = Needs(calibration=False)
+    needs = Needs(calibration_when="score is activation or sparsegpt, or bias_correction is on")
+
+    @classmethod
+    def needs_for(cls, config: PruneMagnitudeConfig) -> Needs:
+        calibration = config.score != "magnitude" or config.bias_correction
+        return Needs(calibration=calibration, calibration_when=cls.needs.calibration_when)
 
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
         cfg = self.config
-        if cfg.score != "magnitude" and self.calibration is None:
-            raise ir.passes.PreconditionError(
-                f"pass 'prune-magnitude' needs calibration data for score={cfg.score}: pass --data FILE.npz"
-            )
-        if cfg.bias_correction and self.calibration is None:
-            raise ir.passes.PreconditionError(
-                "pass 'prune-magnitude' needs calibration data for bias_correction: pass --data FILE.npz"
-            )
         if cfg.pattern is not None:
             cfg.pattern_nm  # noqa: B018 - raises on a malformed pattern
 

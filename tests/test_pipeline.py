@@ -168,3 +168,13 @@ def test_long_steps_report_progress() -> None:
     Pipeline.from_names("fold-constants").run(ir.from_proto(proto), on_progress=lambda *a: seen.append(a))
     assert seen[0] == ("fold-constants", 256, 300, "nodes")
     assert seen[-1] == ("fold-constants", 300, 300, "nodes")
+
+
+def test_needs_that_depend_on_options_are_checked_in_preflight() -> None:
+    model = ir.from_proto(parse(MODEL))
+    plain = _recipe([{"pass": "prune-magnitude", "with": {"sparsity": 0.5}}])
+    plain.preflight(model)  # magnitude scores need no data
+    needy = _recipe([{"pass": "prune-dead"}, {"pass": "prune-magnitude", "with": {"sparsity": 0.5, "score": "activation"}}])
+    with pytest.raises(RecipeError, match=r"steps\[2\] \(prune-magnitude\) needs calibration data for score is activation"):
+        needy.run(model)
+    assert len(list(model.graph)) == 4
