@@ -144,7 +144,7 @@ def test_small_weights_stay_float(rng):
 
 
 def test_auto_exclude_needs_calibration(rng):
-    with pytest.raises(ValueError, match="calibration"):
+    with pytest.raises(ir.passes.PreconditionError, match="calibration"):
         _quantize(mlp(rng), min_elements=0, auto_exclude=True)
 
 
