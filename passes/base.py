@@ -44,12 +44,14 @@ class Needs:
         calibration: Batches of real inputs (an iterable of ``{input_name: array}``).
         min_opset: The lowest default-domain opset the model must import.
         calibration_when: For passes whose need depends on options: the options that need
-            calibration data, for ``onnxpress passes`` (``needs_for`` decides).
+            calibration data, in words, for ``onnxpress passes`` and error messages.
+        calibration_if: For those passes: ``config -> bool``, whether this config needs it.
     """
 
     calibration: bool = False
     min_opset: int | None = None
     calibration_when: str = ""
+    calibration_if: Callable[[Any], bool] | None = None
 
     def describe(self) -> str:
         """A short human description, ``-`` when the pass needs nothing."""
@@ -93,8 +95,10 @@ class OnnxpressPass(ir.passes.InPlacePass):
 
     @classmethod
     def needs_for(cls, config: Any) -> Needs:
-        """What this pass needs with ``config``; passes whose needs depend on options override it."""
-        return cls.needs
+        """What this pass needs with ``config`` (``needs.calibration_if`` decides for option-dependent needs)."""
+        if cls.needs.calibration_if is None:
+            return cls.needs
+        return dataclasses.replace(cls.needs, calibration=cls.needs.calibration_if(config))
 
     @classmethod
     def summary(cls) -> str:

@@ -516,12 +516,10 @@ class PruneChannelsPass(OnnxpressPass):
 
     name = "prune-channels"
     Config = PruneChannelsConfig
-    needs = Needs(calibration_when="criterion is activation or compensation is not none")
-
-    @classmethod
-    def needs_for(cls, config: PruneChannelsConfig) -> Needs:
-        calibration = config.compensation != "none" or config.criterion == "activation"
-        return Needs(calibration=calibration, calibration_when=cls.needs.calibration_when)
+    needs = Needs(
+        calibration_when="criterion is activation or compensation is not none",
+        calibration_if=lambda c: c.compensation != "none" or c.criterion == "activation",
+    )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

@@ -208,12 +208,10 @@ class PruneMagnitudePass(OnnxpressPass):
 
     name = "prune-magnitude"
     Config = PruneMagnitudeConfig
-    needs = Needs(calibration_when="score is activation or sparsegpt, or bias_correction is on")
-
-    @classmethod
-    def needs_for(cls, config: PruneMagnitudeConfig) -> Needs:
-        calibration = config.score != "magnitude" or config.bias_correction
-        return Needs(calibration=calibration, calibration_when=cls.needs.calibration_when)
+    needs = Needs(
+        calibration_when="score is activation or sparsegpt, or bias_correction is on",
+        calibration_if=lambda c: c.score != "magnitude" or c.bias_correction,
+    )
 
     def requires(self, model: ir.Model) -> None:
         super().requires(model)

@@ -195,12 +195,9 @@ class QuantizeInt4WeightsPass(OnnxpressPass):
 
     name = "quantize-int4-weights"
     Config = QuantizeInt4WeightsConfig
-    needs = Needs(min_opset=13, calibration_when="auto_exclude: true")
-
-    @classmethod
-    def needs_for(cls, config: object) -> Needs:
-        """Calibration data is needed when ``auto_exclude`` is true (null uses it when given)."""
-        return Needs(calibration=getattr(config, "auto_exclude", False) is True, min_opset=13)
+    needs = Needs(
+        min_opset=13, calibration_when="auto_exclude: true", calibration_if=lambda c: c.auto_exclude is True
+    )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         config: QuantizeInt4WeightsConfig = self.config

@@ -413,12 +413,9 @@ class QuantizeInt8DynamicPass(OnnxpressPass):
 
     name = "quantize-int8-dynamic"
     Config = QuantizeInt8DynamicConfig
-    needs = Needs(min_opset=11, calibration_when="auto_exclude: true")
-
-    @classmethod
-    def needs_for(cls, config: object) -> Needs:
-        """Calibration data is needed when ``auto_exclude`` is true (null uses it when given)."""
-        return Needs(calibration=getattr(config, "auto_exclude", False) is True, min_opset=11)
+    needs = Needs(
+        min_opset=11, calibration_when="auto_exclude: true", calibration_if=lambda c: c.auto_exclude is True
+    )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         config: QuantizeInt8DynamicConfig = self.config
