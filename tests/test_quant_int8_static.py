@@ -38,7 +38,8 @@ def test_qdq_within_tolerance(rng, method):
     ops = [n.op_type for n in model.graph]
     assert ops.count("QuantizeLinear") >= 2 and ops.count("DequantizeLinear") >= 4
     assert step.details["batches"] == 3 and step.details["method"] == method
-    x = rng.standard_normal((8, 64)).astype(np.float32)
+    # 256 rows: with 8, one unlucky draw (150 seeds: max 0.18) decided the relative error alone.
+    x = rng.standard_normal((256, 64)).astype(np.float32)
     (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
     # minmax covers the data; percentile and entropy clip the tails on purpose
     assert rel_error(ref, got) < {"minmax": 0.08, "percentile": 0.15, "entropy": 0.25}[method]
