@@ -61,7 +61,11 @@ def _assert_same_outputs(proto, pruned, rng, batch: int = 5) -> None:
     feeds = random_feeds(proto, rng, {"N": batch})
     for expected, actual in zip(run_ort(proto, feeds), run_ort(pruned, feeds), strict=True):
         assert expected.shape == actual.shape
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+        # Removing zero channels only changes float32 summation order, so the rounding error
+        # scales with the output's magnitude, not with each element's (a 0.07 logit beside a
+        # 700 one can move by 5e-5).
+        atol = 1e-6 * float(np.abs(expected).max())
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=atol)
 
 
 def _cnn(rng: np.random.Generator, reshape: str) -> onnx.ModelProto:
