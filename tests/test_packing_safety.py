@@ -145,6 +145,21 @@ def test_sha_mismatch_is_refused(packed: Path, tmp_path: Path) -> None:
             read()
 
 
+def test_one_wrong_chunk_digest_is_refused_by_every_reader(packed: Path, tmp_path: Path) -> None:
+    """A session checks digests while onnxruntime builds it; it must still refuse the file."""
+    chunked = tmp_path / "chunked.onnxz"
+    pack(tmp_path / "m.onnx", chunked, chunk_bytes=1024)
+
+    def wrong_chunk(doc: dict) -> None:
+        _entry(doc, "w1")["chunks"][5]["sha256"] = "0" * 64
+
+    bad = _rewrite(chunked, tmp_path / "chunk-sha.onnxz", manifest=wrong_chunk)
+    for read in _all_readers(bad, tmp_path):
+        with pytest.raises(InputError, match=r"tensor 'w1' \(member '[^']+', chunk 5\): sha256 mismatch"):
+            read()
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_graph_sha_mismatch_is_refused(packed: Path, tmp_path: Path) -> None:
     def wrong_sha(doc: dict) -> None:
         doc["graph"]["sha256"] = "f" * 64

@@ -30,7 +30,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +40,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnxpress.atomic import publish
 from onnxpress.errors import InputError
 from onnxpress.packing import codecs
-from onnxpress.atomic import publish
 from onnxpress.packing.format import (
     GRAPH_MEMBER,
     MANIFEST_MEMBER,
@@ -57,7 +57,7 @@ from onnxpress.packing.format import (
     pop_marker,
 )
 from onnxpress.packing.limits import DEFAULT_LIMITS, Limits
-from onnxpress.packing.parallel import bounded_map, decoding_pool
+from onnxpress.packing.parallel import bounded_map, decoding_pool, worker_count
 
 logger = logging.getLogger(__name__)
 
@@ -276,9 +276,13 @@ class PackedModel:
         return proto
 
     def _decode_chunk(
-        self, index: int, chunk_index: int, out: np.ndarray | None
+        self, index: int, chunk_index: int, out: np.ndarray | None, *, verify: bool = True
     ) -> np.ndarray | bytes:
-        """Decodes one chunk of tensor ``index``, into ``out`` when given (its slice)."""
+        """Decodes one chunk of tensor ``index``, into ``out`` when given (its slice).
+
+        With ``verify`` off the chunk's sha256 is not checked here; the caller must check it
+        with :meth:`check_digests` before trusting the bytes.
+        """
         entry = self.manifest.tensors[index]
         what = f"tensor '{entry.name}'"
         chunk = entry.chunks[chunk_index]
@@ -296,17 +300,56 @@ class PackedModel:
             ) from exc
         finally:
             view.release()
-        if hashlib.sha256(raw).hexdigest() != chunk.sha256:
-            where = f", chunk {chunk_index}" if len(entry.chunks) > 1 else ""
-            raise InputError(
-                f"{self.path}: {what} (member '{entry.member}'{where}): sha256 mismatch, the "
-                "decoded bytes differ from what was packed (corrupt file)"
-            )
+        if verify:
+            self._check_chunk(index, chunk_index, raw)
         if out is None:
             return raw
         raw_start = sum(c.raw_size for c in entry.chunks[:chunk_index])
         out[raw_start : raw_start + chunk.raw_size] = np.frombuffer(raw, dtype=np.uint8)
         return out
+
+    def _check_chunk(self, index: int, chunk_index: int, raw: np.ndarray | bytes | memoryview) -> None:
+        """Compares one decoded chunk's sha256 with the manifest; the error names the tensor."""
+        entry = self.manifest.tensors[index]
+        if hashlib.sha256(raw).hexdigest() != entry.chunks[chunk_index].sha256:
+            where = f", chunk {chunk_index}" if len(entry.chunks) > 1 else ""
+            raise InputError(
+                f"{self.path}: tensor '{entry.name}' (member '{entry.member}'{where}): sha256 mismatch, "
+                "the decoded bytes differ from what was packed (corrupt file)"
+            )
+
+    def check_digests(
+        self, data: list[bytes | np.ndarray], pool: ThreadPoolExecutor, workers: int
+    ) -> list[Future[None]]:
+        """Submits the sha256 check of every chunk of ``data`` (from ``decode_all(verify=False)``).
+
+        Each stream is checked once (identical tensors share their decoded buffer). The chunks
+        are dealt, largest first, into ``workers`` lists of about equal bytes, one task each:
+        a task per chunk would cost more in thread hand-offs than small chunks take to hash.
+        The returned futures raise :class:`InputError` naming the tensor whose bytes differ.
+        """
+        chunks: list[tuple[int, int, memoryview]] = []
+        seen: set[str] = set()
+        for index, entry in enumerate(self.manifest.tensors):
+            if entry.member in seen:
+                continue
+            seen.add(entry.member)
+            buffer = memoryview(data[index]).cast("B")
+            start = 0
+            for j, chunk in enumerate(entry.chunks):
+                chunks.append((index, j, buffer[start : start + chunk.raw_size]))
+                start += chunk.raw_size
+        lists: list[list[tuple[int, int, memoryview]]] = [[] for _ in range(max(1, workers))]
+        loads = [0] * len(lists)
+        for item in sorted(chunks, key=lambda c: -len(c[2])):
+            lightest = loads.index(min(loads))
+            lists[lightest].append(item)
+            loads[lightest] += len(item[2])
+        return [pool.submit(self._check_chunks, part) for part in lists if part]
+
+    def _check_chunks(self, chunks: list[tuple[int, int, memoryview]]) -> None:
+        for index, chunk_index, raw in chunks:
+            self._check_chunk(index, chunk_index, raw)
 
     def _verify(self, index: int, raw: np.ndarray | bytes) -> np.ndarray | bytes:
         entry = self.manifest.tensors[index]
@@ -317,20 +360,21 @@ class PackedModel:
             )
         return raw
 
-    def tensor_data(self, index: int, *, whole_digest: bool = True) -> np.ndarray | bytes:
+    def tensor_data(self, index: int, *, whole_digest: bool = True, verify: bool = True) -> np.ndarray | bytes:
         """Decodes tensor ``index`` (a fresh buffer) and checks its sha256; errors name it.
 
         Every chunk's sha256 is checked as it is decoded; with ``whole_digest`` the tensor's
         own sha256 is checked too (the chunk digests already cover every byte, so this is
-        a second, independent check of the manifest's tensor digest).
+        a second, independent check of the manifest's tensor digest). With ``verify`` off no
+        digest is checked (see :meth:`check_digests`).
         """
         entry = self.manifest.tensors[index]
         if len(entry.chunks) == 1:  # its one chunk's sha256 is the tensor's (checked on read)
-            return self._decode_chunk(index, 0, None)
+            return self._decode_chunk(index, 0, None, verify=verify)
         out = np.empty(entry.raw_size, dtype=np.uint8)
         for j in range(len(entry.chunks)):
-            self._decode_chunk(index, j, out)
-        return self._verify(index, out) if whole_digest else out
+            self._decode_chunk(index, j, out, verify=verify)
+        return self._verify(index, out) if whole_digest and verify else out
 
     def tensor_bytes(self, index: int) -> bytes:
         """Tensor ``index`` as ``bytes`` (see :meth:`tensor_data`)."""
@@ -343,6 +387,7 @@ class PackedModel:
         progress: ProgressCallback | None = None,
         *,
         as_bytes: bool = True,
+        verify: bool = True,
     ) -> list[bytes | np.ndarray]:
         """Every tensor's data, in manifest order; each stored stream is decoded once.
 
@@ -356,6 +401,8 @@ class PackedModel:
             progress: Called after each decoded tensor.
             as_bytes: Return ``bytes`` (for protobuf); otherwise bytes or uint8 arrays,
                 whichever the codec produced, without a copy.
+            verify: Check each chunk's sha256 while decoding. Off, the caller must check the
+                result with :meth:`check_digests` before trusting it.
         """
         tensors = self.manifest.tensors
         first: dict[str, int] = {}
@@ -366,7 +413,7 @@ class PackedModel:
         decoded: dict[int, bytes | np.ndarray] = {}
         if workers == 1 or sum(tensors[i].raw_size for i in unique) < SERIAL_DECODE_BYTES:
             for done, index in enumerate(unique, start=1):  # starting threads would cost more
-                raw = self.tensor_data(index, whole_digest=False)
+                raw = self.tensor_data(index, whole_digest=False, verify=verify)
                 decoded[index] = raw.tobytes() if as_bytes and not isinstance(raw, bytes) else raw
                 if progress is not None:
                     progress(done, len(unique), tensors[index].name)
@@ -376,10 +423,10 @@ class PackedModel:
             multi = [i for i in unique if len(tensors[i].chunks) != 1]
             outs = {i: np.empty(tensors[i].raw_size, dtype=np.uint8) for i in multi}
             chunk_jobs = [
-                pool.submit(self._decode_chunk, i, j, outs[i])
+                pool.submit(self._decode_chunk, i, j, outs[i], verify=verify)
                 for i in multi for j in range(len(tensors[i].chunks))
             ]
-            singles = [(i, pool.submit(self.tensor_data, i)) for i in single]
+            singles = [(i, pool.submit(self.tensor_data, i, verify=verify)) for i in single]
             for job in chunk_jobs:
                 job.result()
             for done, (index, job) in enumerate(singles + [(i, None) for i in multi], start=1):
@@ -472,22 +519,50 @@ def packed_session(
     When the tensors total more than ``inline_limit`` bytes (2 GB protobuf cap), they are
     streamed tensor by tensor into an external-data file in a temporary folder, which is
     removed once the session is built.
+
+    In memory, the tensors' sha256 digests are checked on the decoding pool while
+    onnxruntime builds its session (hashing runs at about the speed of decoding, so checking
+    first would add its whole time to the start); the session is returned only once every
+    digest matches, and a mismatch raises :class:`InputError` naming the tensor. The graph
+    itself is checked before onnxruntime sees it, and every size was checked before decoding,
+    so unchecked tensor bytes can only be wrong values, never a malformed model.
     """
-    with PackedModel(path, limits) as packed:
-        if packed.total_raw_bytes <= inline_limit:
-            # The graph is decoded and checked on another thread while the tensors decode.
-            with ThreadPoolExecutor(max_workers=1) as side:
-                graph = side.submit(packed.graph_proto)
-                data = packed.decode_all(threads, as_bytes=False)
-                proto = graph.result()
-        else:
+    with contextlib.ExitStack() as stack:
+        packed = stack.enter_context(PackedModel(path, limits))
+        if packed.total_raw_bytes > inline_limit:
             proto = packed.graph_proto()
-            with tempfile.TemporaryDirectory(prefix="onnxz-") as tmp:
-                model_path = Path(tmp) / "model.onnx"
-                _stream_to_external(packed, proto, Path(tmp) / "model.onnx.data", threads)
-                model_path.write_bytes(proto.SerializeToString())
-                logger.info("Streamed %s to external data in %s", path, tmp)
-                return ort.InferenceSession(str(model_path), options, providers=providers)
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxz-"))
+            model_path = Path(tmp) / "model.onnx"
+            _stream_to_external(packed, proto, Path(tmp) / "model.onnx.data", threads)
+            model_path.write_bytes(proto.SerializeToString())
+            logger.info("Streamed %s to external data in %s", path, tmp)
+            return ort.InferenceSession(str(model_path), options, providers=providers)
+        # The graph is decoded and checked on another thread while the tensors decode.
+        with ThreadPoolExecutor(max_workers=1) as side:
+            graph = side.submit(packed.graph_proto)
+            data = packed.decode_all(threads, as_bytes=False, verify=False)
+            proto = graph.result()
+        checks = packed.check_digests(data, stack.enter_context(decoding_pool(threads)), worker_count(threads))
+        try:
+            session = _session_from_decoded(proto, data, options, providers)
+        except Exception:
+            _wait_all(checks)  # a corrupt tensor is the better explanation of a failure
+            raise
+        _wait_all(checks)
+        return session
+
+
+def _wait_all(jobs: list[Future[None]]) -> None:
+    """Waits for every job, then raises the first one's error (none is left running)."""
+    errors = [exc for job in jobs if (exc := job.exception()) is not None]
+    if errors:
+        raise errors[0]
+
+
+def _session_from_decoded(
+    proto: onnx.ModelProto, data: list[bytes | np.ndarray], options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    """Builds the session: main-graph initializers as OrtValues over ``data``, the rest inline."""
     names: list[str] = []
     values: list[ort.OrtValue] = []
     arrays: list[np.ndarray] = []
