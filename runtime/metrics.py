@@ -34,13 +34,36 @@ MAX_SQNR_DB = 200.0
 _NOT_SCORES = re.compile(r"embed|hidden|feature|pool|state|vector|encod", re.IGNORECASE)
 
 
+def _bin_table() -> tuple[np.ndarray, np.ndarray]:
+    """A lookup table from the top 17 bits of a non-negative float32 to its bin, and the edges
+    it is corrected with (see :func:`histogram_bins`)."""
+    edges = HISTOGRAM_EDGES.astype(np.float32)
+    lowest = (np.arange(1 << 17, dtype=np.uint32) << 15).view(np.float32)  # smallest float of each bucket
+    with np.errstate(invalid="ignore"):
+        table = np.searchsorted(edges, lowest, side="left")
+    table = np.minimum(np.where(np.isnan(lowest), len(edges) - 1, table), len(edges) - 1).astype(np.intp)
+    # The last bin also takes everything above the last edge: never step past it.
+    return table, np.append(edges[:-1], np.float32(np.inf))
+
+
+_BIN_TABLE, _BIN_EDGES = _bin_table()
+
+
 def histogram_bins(abs_error: np.ndarray) -> np.ndarray:
     """The :data:`HISTOGRAM_EDGES` bin of each absolute error: 0 for exact, else ``k`` with
-    ``edges[k-1] < e <= edges[k]`` (four bins a decade, so ``k = ceil(4 (log10 e + 10)) + 1``)."""
-    with np.errstate(divide="ignore"):
-        k = np.ceil(4.0 * (np.log10(abs_error) + 10.0)) + 1.0
-    k = np.clip(k, 1, len(HISTOGRAM_EDGES) - 1)
-    return np.where(abs_error > 0, k, 0).astype(np.intp)
+    ``edges[k-1] < e <= edges[k]`` (the last bin also holds everything above ``1e4``).
+
+    Computed from the float32 bit pattern, not a logarithm (about 4x faster, which matters
+    when the model itself is cheap): the top 17 bits (exponent and 8 mantissa bits) pick a
+    bucket narrower than a bin (a ratio of ``1 + 2^-8`` against ``10^{1/4}``), so a bucket
+    holds at most one edge; the table gives the bin of the bucket's smallest value, and one
+    comparison with that bin's upper edge moves values above it to the next bin. Errors are
+    compared in float32 (float64 outputs are rounded first).
+    """
+    values = np.ascontiguousarray(abs_error, dtype=np.float32).reshape(-1)
+    bins = _BIN_TABLE[values.view(np.uint32) >> 15]
+    bins += values > _BIN_EDGES[bins]
+    return bins
 
 
 def holds_class_scores(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:

@@ -19,6 +19,7 @@ from onnxpress.cli import main
 from onnxpress.errors import InputError
 from onnxpress.runtime import Tolerances, localize, validate
 from onnxpress.runtime.localize import load_value_map
+from onnxpress.runtime.metrics import HISTOGRAM_EDGES, histogram_bins
 from onnxpress.runtime.validate import artifact_bytes
 
 # Four MatMul layers, each followed by an activation; the second MatMul is where the error is planted.
@@ -90,7 +91,9 @@ def test_metrics_match_numpy(pair: tuple[Path, Path, dict], tmp_path: Path, rng:
         cos = np.where(np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1) > 0, cos, 1.0)
         np.testing.assert_allclose(m.mean_cosine, cos.mean(), rtol=1e-6)  # differences are taken in float32
         np.testing.assert_allclose(m.min_cosine, cos.min(), rtol=1e-6)  # differences are taken in float32
-        assert m.histogram.sum() == a.size
+        edges = HISTOGRAM_EDGES.astype(np.float32)
+        bins = np.minimum(np.searchsorted(edges, np.abs(a - b).reshape(-1), side="left"), len(edges) - 1)
+        np.testing.assert_array_equal(m.histogram, np.bincount(bins, minlength=len(edges)))
     assert report.outputs["logits"].top1_agreement == pytest.approx(100 * np.mean(r[0].argmax(1) == c[0].argmax(1)))
     assert report.outputs["features"].top1_agreement is None  # features, not class scores
     assert report.samples == 150 and report.data.endswith("data.npz")
@@ -311,3 +314,17 @@ def test_float16_candidate_validates_on_float32_data(pair: tuple[Path, Path, dic
 
         np.savez(tmp_path / "x.npz", x=x)
         BatchRunner(half).run(tmp_path / "x.npz", tmp_path / "out")
+
+
+def test_histogram_bins_follow_the_edges_exactly(rng: np.random.Generator) -> None:
+    """Bins come from float bit patterns: check them at, just above and just below every edge."""
+    edges = HISTOGRAM_EDGES.astype(np.float32)
+    scale = np.float32(10.0) ** rng.uniform(-12, 6, 20_000).astype(np.float32)
+    values = np.concatenate([
+        np.abs(rng.standard_normal(20_000)).astype(np.float32) * scale,
+        edges, np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, np.float32(0)),
+        np.array([0.0, 1e-45, 3e38, np.inf], np.float32),
+    ])
+    expected = np.minimum(np.searchsorted(edges, values, side="left"), len(edges) - 1)
+    np.testing.assert_array_equal(histogram_bins(values), expected)
+    np.testing.assert_array_equal(histogram_bins(values.astype(np.float64)), expected)
