@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "onnxpress-run/1"
 #: Target size of one shard when the caller does not choose ``shard_rows``.
-TARGET_SHARD_BYTES = 16 * 1024**2
+TARGET_SHARD_BYTES = 4 * 1024**2
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
