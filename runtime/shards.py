@@ -28,8 +28,8 @@ import os
 import shutil
 import tempfile
 import zipfile
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -43,8 +43,19 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "onnxpress-run/1"
-#: Target size of one shard when the caller does not choose ``shard_rows``.
-TARGET_SHARD_BYTES = 4 * 1024**2
+#: When the caller does not choose ``shard_rows``, a run's output is cut into about this many
+#: shards, each between the two sizes below. The last shard is written and synced after the
+#: last batch, with nothing left to overlap it, so it should be a small part of the run; the
+#: others are written while the next batches compute.
+SHARDS_PER_RUN = 64
+MIN_SHARD_BYTES = 1024**2
+MAX_SHARD_BYTES = 64 * 1024**2
+
+
+def default_shard_rows(row_bytes: int, total_rows: int, batch_size: int) -> int:
+    """Rows per shard: about ``1/SHARDS_PER_RUN`` of the output, whole batches, 1 to 64 MiB."""
+    target = min(MAX_SHARD_BYTES, max(MIN_SHARD_BYTES, row_bytes * total_rows // SHARDS_PER_RUN))
+    return batch_size * max(1, target // max(1, row_bytes * batch_size))
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -275,7 +286,7 @@ class ShardWriter:
         if self.manifest["shard_rows"] is None:
             row_bytes = sum(a.nbytes // max(1, len(a)) for a in outputs.values())
             batch = self.manifest["batch_size"]
-            self.manifest["shard_rows"] = batch * max(1, TARGET_SHARD_BYTES // max(1, row_bytes * batch))
+            self.manifest["shard_rows"] = default_shard_rows(row_bytes, self.manifest["total_rows"], batch)
         if not self.manifest["outputs"]:
             self.manifest["outputs"] = {n: {"dtype": str(a.dtype), "row_shape": list(a.shape[1:])} for n, a in outputs.items()}
         for name, array in outputs.items():

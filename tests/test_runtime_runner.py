@@ -19,7 +19,14 @@ from conftest import parse, run_ort
 from onnxpress.cli import main
 from onnxpress.errors import InputError
 from onnxpress.runtime import BatchRunner
-from onnxpress.runtime.shards import read_manifest, read_outputs
+from onnxpress.runtime.shards import (
+    MAX_SHARD_BYTES,
+    MIN_SHARD_BYTES,
+    SHARDS_PER_RUN,
+    default_shard_rows,
+    read_manifest,
+    read_outputs,
+)
 
 TWO_IN_TWO_OUT = """
 <ir_version: 8, opset_import: ["" : 18]>
@@ -313,3 +320,16 @@ def test_output_without_a_sample_axis_is_refused(tmp_path: Path, rng: np.random.
     np.savez(tmp_path / "in.npz", x=rng.standard_normal((10, 3)).astype(np.float32))
     with pytest.raises(InputError, match=r"output 'total' has shape \[\] for a batch of 4 rows"):
         BatchRunner(model, batch_size=4).run(tmp_path / "in.npz", tmp_path / "out")
+
+
+@pytest.mark.parametrize(("row_bytes", "rows", "batch"), [(40, 200_000, 256), (64, 250_000, 512),
+                                                          (1536, 1_000_000, 32), (4, 100, 8), (10**7, 50, 4)])
+def test_default_shards_are_a_64th_of_the_output_within_bounds(row_bytes: int, rows: int, batch: int) -> None:
+    shard_rows = default_shard_rows(row_bytes, rows, batch)
+    assert shard_rows % batch == 0 and shard_rows >= batch
+    shard_bytes = shard_rows * row_bytes
+    wanted = min(MAX_SHARD_BYTES, max(MIN_SHARD_BYTES, row_bytes * rows // SHARDS_PER_RUN))
+    if batch * row_bytes <= wanted:  # whole batches of at most the wanted size, one batch short at worst
+        assert wanted - batch * row_bytes < shard_bytes <= wanted
+    else:  # a batch alone is bigger: one batch a shard
+        assert shard_rows == batch

@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--force", action="store_true", help="replace the outputs of an earlier run in OUT")
     parser.add_argument("--format", choices=("npz", "parquet"), default="npz", help="shard format (default npz)")
     parser.add_argument("--shard-rows", type=int, default=None,
-                        help="rows per shard, rounded up to a multiple of the batch size (default: ~4 MiB shards)")
+                        help="rows per shard, rounded up to a multiple of the batch size (default: about 1/64 of the output, 1 to 64 MiB a shard)")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return parser
 
