@@ -43,11 +43,13 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from onnxpress.graphs import constant_value
 from onnxpress.passes.base import Needs, OnnxpressPass, option
 from onnxpress.passes.pruning_common import (
     WEIGHT_OPS,
     BiasTarget,
     WeightLayer,
+    bias_value,
     channel_stats,
     correct_output_means,
     cross_grams,
@@ -109,6 +111,11 @@ class PruneMagnitudeConfig:
         "sparsegpt: refit each layer to its original output from the inputs the model pruned so far "
         "gives it (two more runs per layer input).",
     )
+    refit_bias: bool = option(
+        False,
+        "sparsegpt with sequential: fit each layer's bias together with its kept weights "
+        "(least squares on [X~, 1]); a MatMul without a constant bias Add gets one.",
+    )
 
     def __post_init__(self) -> None:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
@@ -132,6 +139,8 @@ class PruneMagnitudeConfig:
                 )
             if self.per_layer:
                 raise ValueError("pattern N:M fixes the sparsity of every tensor: per_layer does not apply")
+        if self.refit_bias and not (self.score == "sparsegpt" and self.sequential):
+            raise ValueError("refit_bias refits biases in the sequential SparseGPT solve: it needs score=sparsegpt and sequential=true")
         if self.scope == "global" and self.granularity == "row":
             raise ValueError("granularity=row ranks within each output row, which needs scope=per-layer")
 
@@ -181,6 +190,24 @@ def _lowest(scores: np.ndarray, count: int) -> np.ndarray:
     if count >= flat.size:
         return np.arange(flat.size)
     return np.argsort(flat, kind="stable")[:count]
+
+
+def _scale_ones(pruned_gram: np.ndarray, dense_cross: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Grams of ``[X, c]`` from those of ``[X, 1]``, with ``c`` the inputs' root mean square.
+
+    The damping is relative to the mean of the Hessian's diagonal; a column of ones beside
+    inputs of RMS 10 would be damped a hundred times harder than they are, which pulls the
+    bias to zero. Scaling the column to the inputs' RMS, ``c = sqrt(mean(diag(X~^T X~)) / n)``,
+    damps it like the others; the bias is then ``c`` times the weight of that column.
+    """
+    rows = pruned_gram[-1, -1]
+    scale = float(np.sqrt(np.mean(np.diag(pruned_gram)[:-1]) / rows)) if rows > 0 else 1.0
+    if not np.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    factors = np.ones(len(pruned_gram))
+    factors[-1] = scale
+    outer = np.outer(factors, factors)
+    return pruned_gram * outer, dense_cross * outer, scale
 
 
 def _rows_view(layer: WeightLayer, array: np.ndarray) -> np.ndarray:
@@ -257,23 +284,40 @@ class PruneMagnitudePass(OnnxpressPass):
         original = ir.to_proto(model).SerializeToString() if sequential else b""
 
         pruned: list[BiasTarget] = []
-        total = zeros = 0
+        total = zeros = refit_biases = 0
         for i, (layer, score) in enumerate(zip(layers, scores, strict=True)):
             self._report(i, len(layers), layer.name)
             array = layer.array()
             before = int(np.count_nonzero(array == 0))
             new = None
             target_map = None
+            bias: ir.Value | None = None
+            ones_scale = 1.0
             if sequential and layer.graph is model.graph and (layer.node.op_type != "Conv" or layer.groups == 1):
                 if id(layer.node) not in crosses:
                     readers = [other for other in layers[i:] if other.data is layer.data and other.node.op_type == layer.node.op_type]
-                    crosses.update(cross_grams(original, model, readers, batches))
+                    crosses.update(cross_grams(original, model, readers, batches, ones=cfg.refit_bias))
                 if id(layer.node) in crosses:
                     pruned_gram, dense_cross, _ = crosses[id(layer.node)]
+                    if cfg.refit_bias:
+                        bias, reason = bias_value(layer, array.shape[layer.out_axis], array.dtype)
+                        if bias is None:
+                            logger.info("prune-magnitude: the bias of %s is not refit: %s", layer.describe(), reason)
+                            pruned_gram, dense_cross = pruned_gram[:-1, :-1], dense_cross[:-1, :-1]
+                        else:
+                            pruned_gram, dense_cross, ones_scale = _scale_ones(pruned_gram, dense_cross)
                     grams[id(layer.node)] = (pruned_gram, 0)
                     target_map = self._target_map(pruned_gram, dense_cross)
             if id(layer.node) in grams:
-                new = self._sparsegpt(layer, array, grams[id(layer.node)][0], counts[layer.name], target_map)
+                old_bias = None
+                if bias is not None:
+                    old_bias = constant_value(bias).numpy().astype(np.float64) / ones_scale  # type: ignore[union-attr]
+                solved = self._sparsegpt(layer, array, grams[id(layer.node)][0], counts[layer.name], target_map, old_bias)
+                if solved is not None:
+                    new, new_bias = solved
+                    if bias is not None and new_bias is not None:
+                        set_constant(bias, (new_bias * ones_scale).astype(array.dtype))
+                        refit_biases += 1
             if new is None:
                 mask = self._mask(layer, score, counts[layer.name])
                 new = np.where(mask, np.zeros((), array.dtype), array)
@@ -298,6 +342,8 @@ class PruneMagnitudePass(OnnxpressPass):
         self.details["sparsity"] = round(zeros / total, 6)
         self.details["sparsity_all_weights"] = round(zeros / (total + dense_elements), 6)
         self.details["pruned_tensors"] = len(pruned)
+        if cfg.refit_bias:
+            self.details["refit_biases"] = refit_biases
         logger.info(
             "prune-magnitude: %d of %d tensors pruned, sparsity %.4f over %d prunable weights "
             "(%.4f over all %d weights; %d tensors left dense)",
@@ -380,8 +426,14 @@ class PruneMagnitudePass(OnnxpressPass):
         return np.linalg.solve(damped, dense_cross.T).T
 
     def _sparsegpt(
-        self, layer: WeightLayer, array: np.ndarray, gram: np.ndarray, count: int, target_map: np.ndarray | None = None
-    ) -> np.ndarray | None:
+        self,
+        layer: WeightLayer,
+        array: np.ndarray,
+        gram: np.ndarray,
+        count: int,
+        target_map: np.ndarray | None = None,
+        bias: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """Prunes one tensor with SparseGPT (Frantar & Alistarh, 2023); None when it cannot.
 
         With ``W`` as ``[out, in]`` and ``H = X^T X + damping * mean(diag H) * I``, the columns
@@ -390,11 +442,22 @@ class PruneMagnitudePass(OnnxpressPass):
         column is fixed the error it leaves is spread over the columns after it,
         ``W[:, j:] -= (w_j - q_j) / [U]_jj * U[j, j:]`` with ``U`` the upper Cholesky factor
         of ``H^-1``. Same selection under N:M (per group of M columns) and per-row granularity.
+
+        With a ``bias`` (``refit_bias``), ``W`` becomes ``[W, b]`` and ``gram`` and ``target_map``
+        are those of ``[X~, 1]``: the bias is a last column that is never pruned, so it takes
+        the error of every column before it, and the fit is
+        ``min ||[X, 1] [W, b]^T - [X~, 1] [W', b']^T||^2``.
+
+        Returns:
+            The pruned weight in the tensor's shape and the new bias (None without one).
         """
         cfg = self.config
         if layer.node.op_type == "Conv" and cfg.pattern is not None:
             return None
         weight = weight_matrix(layer, array.astype(np.float64)).T.copy()
+        prunable = weight.shape[1]
+        if bias is not None:
+            weight = np.concatenate([weight, bias.reshape(-1, 1)], axis=1)
         cols = weight.shape[1]
         if gram.shape != (cols, cols):
             return None
@@ -418,15 +481,18 @@ class PruneMagnitudePass(OnnxpressPass):
             errors = np.zeros_like(block)
             diag = np.diag(upper)[start:stop]
             mask = np.zeros(block.shape, dtype=bool)
-            if not m:
-                loss = np.square(block) / np.square(diag)[None, :]
+            width = max(min(stop, prunable) - start, 0)  # the bias column is never pruned
+            if not m and width:
+                loss = np.square(block[:, :width]) / np.square(diag[:width])[None, :]
                 if cfg.granularity == "row":
-                    k = round(fraction * block.shape[1])
-                    np.put_along_axis(mask, np.argsort(loss, axis=1, kind="stable")[:, :k], True, axis=1)
+                    k = round(fraction * width)
+                    np.put_along_axis(mask[:, :width], np.argsort(loss, axis=1, kind="stable")[:, :k], True, axis=1)
                 else:
-                    mask.reshape(-1)[_lowest(loss, round(fraction * loss.size))] = True
+                    chosen = np.zeros(loss.shape, dtype=bool)
+                    chosen.reshape(-1)[_lowest(loss, round(fraction * loss.size))] = True
+                    mask[:, :width] = chosen
             for j in range(stop - start):
-                if m and j % m == 0:
+                if m and j % m == 0 and j < width:
                     group = np.square(block[:, j : j + m]) / np.square(diag[j : j + m])[None, :]
                     chosen = np.argsort(group, axis=1, kind="stable")[:, : m - n]
                     sub = np.zeros(group.shape, dtype=bool)
@@ -440,7 +506,8 @@ class PruneMagnitudePass(OnnxpressPass):
                 errors[:, j] = error
             weight[:, start:stop] = block
             weight[:, stop:] -= errors @ upper[start:stop, stop:]
-        return weight_from_matrix(layer, weight.T, array.shape).astype(array.dtype)
+        new_bias = weight[:, prunable] if bias is not None else None
+        return weight_from_matrix(layer, weight[:, :prunable].T, array.shape).astype(array.dtype), new_bias
 
     def _mask(self, layer: WeightLayer, score: np.ndarray, count: int) -> np.ndarray:
         """A boolean mask of the weights to zero."""

@@ -332,7 +332,7 @@ class BiasTarget:
     kept: np.ndarray | None = None
 
 
-def _bias_value(layer: WeightLayer, channels: int, dtype: np.dtype) -> tuple[ir.Value | None, str]:
+def bias_value(layer: WeightLayer, channels: int, dtype: np.dtype) -> tuple[ir.Value | None, str]:
     """The constant bias of a layer, created when missing; None with a reason when it cannot be."""
     node = layer.node
     graph = layer.graph
@@ -423,7 +423,7 @@ def correct_output_means(
             outcome[layer.name] = f"skipped: {wanted.shape[0]} reference channels, {current.shape[0]} now"
             continue
         dtype = layer.array().dtype
-        bias, reason = _bias_value(layer, current.shape[0], dtype)
+        bias, reason = bias_value(layer, current.shape[0], dtype)
         if bias is None:
             outcome[layer.name] = f"skipped: {reason}"
             continue
@@ -587,7 +587,7 @@ def reconstruct_outputs(
         except np.linalg.LinAlgError:
             fallback.append(target)
             continue
-        bias, _ = _bias_value(layer, w0.shape[1], weight.dtype)
+        bias, _ = bias_value(layer, w0.shape[1], weight.dtype)
         if bias is None:
             fallback.append(target)
             continue
@@ -647,13 +647,19 @@ def input_grams(
 
 
 def cross_grams(
-    reference: bytes, model: ir.Model, layers: Sequence[WeightLayer], batches: Sequence[dict[str, np.ndarray]]
+    reference: bytes,
+    model: ir.Model,
+    layers: Sequence[WeightLayer],
+    batches: Sequence[dict[str, np.ndarray]],
+    *,
+    ones: bool = False,
 ) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
     """For layers that read one value: ``X~^T X~`` and ``X^T X~``, by node id.
 
     ``X~`` is the layers' input in ``model`` (pruned so far) and ``X`` the same value in the
     original model, so a layer can be refit to reproduce its original output from the
-    input it will really get. Layers with no matrix form are missing from the result.
+    input it will really get. With ``ones`` both get a last column of ones (``[X, 1]``), so
+    the bias can be fit with the weights. Layers with no matrix form are missing from the result.
     """
     if not layers:
         return {}
@@ -669,6 +675,9 @@ def cross_grams(
         x_pruned = _design(layer, current[name], shape)
         if x_dense is None or x_pruned is None:
             return {}
+        if ones:
+            x_dense = np.concatenate([x_dense, np.ones((x_dense.shape[0], 1))], axis=1)
+            x_pruned = np.concatenate([x_pruned, np.ones((x_pruned.shape[0], 1))], axis=1)
         if pruned_gram is None:
             pruned_gram = np.zeros((x_pruned.shape[1],) * 2)
             dense_cross = np.zeros_like(pruned_gram)
