@@ -43,7 +43,6 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnxpress.graphs import constant_value
 from onnxpress.passes.base import Needs, OnnxpressPass, option
 from onnxpress.passes.pruning_common import (
     WEIGHT_OPS,
@@ -64,6 +63,8 @@ from onnxpress.passes.pruning_common import (
     weight_matrix,
 )
 from onnxpress.passes.registry import register
+
+from onnxpress.graphs import constant_value
 
 logger = logging.getLogger(__name__)
 
