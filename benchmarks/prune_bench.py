@@ -12,7 +12,8 @@ measured value and whether it is met. Calibration data is never the evaluation d
 digits rows calibrate on ``digits_calib.npz`` (training samples) and evaluate on the test
 split; MiniLM calibrates on 768 sentences and evaluates on 256 others.
 
-Run: ``python benchmarks/prune_bench.py [--skip-minilm] [--threads N] [--json OUT] [--save-dir DIR]``,
+Run: ``python benchmarks/prune_bench.py [--skip-minilm | --skip-digits] [--minilm-only TEXT ...] [--threads N]
+[--json OUT] [--save-dir DIR]``,
 then ``python benchmarks/prune_throughput.py DIR/digits_*.onnx`` on a quiet machine.
 Throughput on a shared machine is noisy: rerun before quoting it.
 """
@@ -141,7 +142,29 @@ def _length_buckets(tokenize, sentences: list[str], batch: int) -> list[dict[str
     return batches
 
 
-def minilm_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
+def _minilm_pins(source: Path) -> tuple[str, ...]:
+    """``per_layer`` pins: attention output projections at 35 %, Q/K/V and FFN input at 50 %.
+
+    The FFN output projections stay unpinned and take the rest of the 50 % budget (about 54 %).
+    The exporter names weights ``val_N``, so the layers are told apart by what feeds them: the
+    attention output reads a ``Reshape`` of the heads, the FFN output reads the ``Gelu``.
+    """
+    model = load_model(source)
+    pins = []
+    for node in model.graph:
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+        if weight is None or weight.const_value is None:
+            continue
+        producer = node.inputs[0].producer()
+        kind = producer.op_type if producer is not None else ""
+        if kind == "Reshape":
+            pins.append(f"{weight.name}=0.35")
+        elif kind != "Gelu":
+            pins.append(f"{weight.name}=0.5")
+    return tuple(pins)
+
+
+def minilm_rows(workdir: Path, threads: int | None, only: list[str] | None = None) -> list[dict[str, Any]]:
     from onnxpress.models.minilm import build_minilm_onnx, sample_sentences, tokenize
 
     source = build_minilm_onnx()
@@ -154,7 +177,13 @@ def minilm_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
         ("Wanda |W|*||X||, per row", {"sparsity": 0.5, "scope": "per-layer", "score": "activation", "granularity": "row"}),
         ("SparseGPT, per row", {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row"}),
         ("SparseGPT, per row, sequential", {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row", "sequential": True}),
+        ("SparseGPT, per row, sequential, refit_bias", {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row", "sequential": True, "refit_bias": True}),
+        ("SparseGPT, per row, sequential, refit_bias, attention output 35 %, FFN output 54 %",
+         {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row", "sequential": True,
+          "refit_bias": True, "per_layer": _minilm_pins(source)}),
     ]
+    if only:
+        configs = [(label, options) for label, options in configs if any(o in label for o in only)]
     for label, options in configs:
         options = dict(options, calibration_batches=len(calibration), ops=("MatMul",))
         target = workdir / f"minilm_{_slug(label)}.onnx"
@@ -177,6 +206,11 @@ def minilm_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-minilm", action="store_true", help="only the digits rows (MiniLM takes minutes)")
+    parser.add_argument("--skip-digits", action="store_true", help="only the MiniLM rows")
+    parser.add_argument(
+        "--minilm-only", nargs="+", metavar="TEXT",
+        help="only the MiniLM rows whose label contains one of these texts (sequential SparseGPT takes ~10 min a row)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads for timing")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--save-dir", help="keep the pruned models here (for prune_throughput.py)")
@@ -186,9 +220,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="prune-bench-") as tmp:
         workdir = Path(args.save_dir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        rows = digits_rows(workdir, args.threads)
+        rows = [] if args.skip_digits else digits_rows(workdir, args.threads)
         if not args.skip_minilm:
-            rows += minilm_rows(workdir, args.threads)
+            rows += minilm_rows(workdir, args.threads, args.minilm_only)
     table = [["model", "pass", "configuration", "result", "quality", "target", "met", "pass s"]]
     for r in rows:
         table.append([r["model"], r["pass"], r["config"], r["result"], r["metric"], r["target"],
