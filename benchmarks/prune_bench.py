@@ -177,10 +177,9 @@ def minilm_rows(workdir: Path, threads: int | None, only: list[str] | None = Non
         ("Wanda |W|*||X||, per row", {"sparsity": 0.5, "scope": "per-layer", "score": "activation", "granularity": "row"}),
         ("SparseGPT, per row", {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row"}),
         ("SparseGPT, per row, sequential", {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row", "sequential": True}),
-        ("SparseGPT, per row, sequential, refit_bias", {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row", "sequential": True, "refit_bias": True}),
-        ("SparseGPT, per row, sequential, refit_bias, attention output 35 %, FFN output 54 %",
+        ("SparseGPT, per row, sequential, refit_bias, damping 0.002, attention output 35 %, FFN output 54 %",
          {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row", "sequential": True,
-          "refit_bias": True, "per_layer": _minilm_pins(source)}),
+          "refit_bias": True, "damping": 0.002, "per_layer": _minilm_pins(source)}),
     ]
     if only:
         configs = [(label, options) for label, options in configs if any(o in label for o in only)]
