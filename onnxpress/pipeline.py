@@ -52,10 +52,12 @@ class StepRecord:
     before: ModelStats
     after: ModelStats
     details: dict[str, Any] = field(default_factory=dict)
+    round: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "index": self.index,
+            "round": self.round,
             "pass": self.pass_name,
             "options": self.options,
             "seconds": round(self.seconds, 6),
@@ -76,8 +78,9 @@ ProgressCallback = Callable[[str, int, int, str], None]
 class Pipeline:
     """An ordered, checked list of passes."""
 
-    def __init__(self, steps: list[Step]) -> None:
+    def __init__(self, steps: list[Step], *, rounds: int = 1) -> None:
         self.steps = steps
+        self.rounds = rounds
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Pipeline:
@@ -98,7 +101,7 @@ class Pipeline:
             except RecipeError as exc:
                 raise RecipeError(f"{where}{exc}") from None
             steps.append(Step(pass_cls, config, step.key))
-        return cls(steps)
+        return cls(steps, rounds=recipe.repeat)
 
     @classmethod
     def from_names(cls, *names: str) -> Pipeline:
@@ -138,6 +141,9 @@ class Pipeline:
     ) -> list[StepRecord]:
         """Runs every step in order on ``model`` (in place) and returns the step records.
 
+        With ``rounds`` above 1 the steps run again while the last round changed the model, up
+        to ``rounds`` rounds; each record says its round.
+
         Raises:
             RecipeError: Preflight failed; nothing ran.
             PassFailedError: A pass raised; its cause is the original exception.
@@ -145,7 +151,28 @@ class Pipeline:
         self.preflight(model, has_calibration=calibration is not None)
         records: list[StepRecord] = []
         stats = model_stats(model)
+        for round_ in range(1, self.rounds + 1):
+            model, changed = self._run_round(model, round_, calibration, on_step, on_progress, records, stats)
+            stats = records[-1].after
+            if not changed:
+                break
+            if round_ == self.rounds and self.rounds > 1:
+                logger.info("the steps still changed the model in round %d of %d", round_, self.rounds)
+        return records
+
+    def _run_round(
+        self,
+        model: ir.Model,
+        round_: int,
+        calibration: Iterable[CalibrationBatch] | None,
+        on_step: StepCallback | None,
+        on_progress: ProgressCallback | None,
+        records: list[StepRecord],
+        stats: ModelStats,
+    ) -> tuple[ir.Model, bool]:
+        """One pass over the steps; returns the model and whether any step changed it."""
         total = len(self.steps)
+        changed = False
         for index, step in enumerate(self.steps, start=1):
             if on_step is not None:
                 on_step(index, total, step.name, None)
@@ -177,8 +204,10 @@ class Pipeline:
                 before=stats,
                 after=after,
                 details=dict(getattr(instance, "details", {}) or {}),
+                round=round_,
             )
             records.append(record)
+            changed = changed or bool(result.modified)
             logger.info(
                 "step %d/%d %s: %.3fs, nodes %d -> %d, constant bytes %d -> %d",
                 index, total, step.name, seconds, stats.nodes, after.nodes,
@@ -187,7 +216,7 @@ class Pipeline:
             stats = after
             if on_step is not None:
                 on_step(index, total, step.name, record)
-        return records
+        return model, changed
 
 
 __all__ = ["NodeError", "Pipeline", "Step", "StepRecord"]

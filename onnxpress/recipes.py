@@ -8,7 +8,10 @@ A recipe reads::
       - pass: fold-constants
         with: {size_budget_bytes: 1048576}
 
-Presets are recipe files shipped in ``onnxpress/presets``. ``--set`` overrides one option:
+``repeat: N`` (default 1) runs the steps again, up to ``N`` rounds in all, while a round changed
+the model: one pass can open work for an earlier one (an Identity removed after folding makes
+its consumer foldable), and a preset that repeats to a fixed point gives the same model when it
+is run again. Presets are recipe files shipped in ``onnxpress/presets``. ``--set`` overrides one option:
 ``--set 2.size_budget_bytes=1000`` targets step 2 (steps count from 1, as the summary table
 prints them) and ``--set fold-constants.size_budget_bytes=1000`` every step of that pass.
 """
@@ -43,6 +46,7 @@ class Recipe:
     name: str = ""
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    repeat: int = 1
 
 
 def preset_names() -> list[str]:
@@ -102,8 +106,11 @@ def parse_recipe(data: Any, source: str = "") -> Recipe:
         if not isinstance(options, dict):
             raise RecipeError(f"{where}{key}.with: expected a mapping of options, got {options!r}")
         parsed.append(RecipeStep(str(step["pass"]), dict(options), key))
-    extra = {k: v for k, v in data.items() if k not in ("steps", "name")}
-    return Recipe(parsed, name=str(data.get("name", "")), source=source, extra=extra)
+    repeat = data.get("repeat", 1)
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+        raise RecipeError(f"{where}repeat: expected a whole number of rounds >= 1, got {repeat!r}")
+    extra = {k: v for k, v in data.items() if k not in ("steps", "name", "repeat")}
+    return Recipe(parsed, name=str(data.get("name", "")), source=source, extra=extra, repeat=repeat)
 
 
 def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:

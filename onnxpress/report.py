@@ -56,7 +56,7 @@ def steps_table(records: list[StepRecord]) -> str:
     rows = [["step", "seconds", "nodes", "constant bytes", "changed"]]
     for r in records:
         rows.append([
-            f"{r.index}. {r.pass_name}",
+            f"{r.index}. {r.pass_name}" if r.round == 1 else f"{r.index}. {r.pass_name} (round {r.round})",
             f"{r.seconds:.3f}",
             f"{r.before.nodes} -> {r.after.nodes}",
             f"{human_bytes(r.before.constant_bytes)} -> {human_bytes(r.after.constant_bytes)}",

@@ -85,7 +85,11 @@ def test_recipe_files_yaml_and_json(tmp_path: Path) -> None:
 def test_records_describe_each_step() -> None:
     model = ir.from_proto(parse(MODEL))
     records = Pipeline.from_recipe(load_preset("lossless")).run(model)
-    assert [r.pass_name for r in records] == [s.pass_name for s in load_preset("lossless").steps]
+    names = [s.pass_name for s in load_preset("lossless").steps]
+    # round 1 changed the model, so the preset ran a second round, which changed nothing and ended
+    assert [r.pass_name for r in records] == names * 2
+    assert [r.round for r in records] == [1] * len(names) + [2] * len(names)
+    assert any(r.modified for r in records[: len(names)]) and not any(r.modified for r in records[len(names):])
     first = records[0]
     assert first.before.nodes == 4 and first.after.nodes == 3
     assert first.before.op_histogram["Neg"] == 1 and "Neg" not in first.after.op_histogram
@@ -178,3 +182,29 @@ def test_needs_that_depend_on_options_are_checked_in_preflight() -> None:
     with pytest.raises(RecipeError, match=r"steps\[2\] \(prune-magnitude\) needs calibration data for score is activation"):
         needy.run(model)
     assert len(list(model.graph)) == 4
+
+
+def test_repeat_runs_rounds_until_nothing_changes() -> None:
+    # Identity elimination makes Abs foldable only after fold-constants ran: round 2 folds it.
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[2] x) => (float[2] y, float[2] k) {
+            c = Constant <value = float[2] {-1.0, 2.0}> ()
+            k = Identity (c)
+            a = Abs (k)
+            y = Add (a, x)
+        }
+    """
+    steps = {"steps": ["fold-constants", "eliminate-noop"]}
+    once = ir.from_proto(parse(text))
+    one_round = Pipeline.from_recipe(parse_recipe(steps)).run(once)
+    assert [r.round for r in one_round] == [1, 1]
+    assert "Abs" in {n.op_type for n in once.graph}
+    model = ir.from_proto(parse(text))
+    records = Pipeline.from_recipe(parse_recipe({**steps, "repeat": 5})).run(model)
+    assert "Abs" not in {n.op_type for n in model.graph}
+    assert records[-1].round == 3 and not any(r.modified for r in records if r.round == 3)
+    assert Pipeline.from_recipe(parse_recipe({**steps, "repeat": 5})).run(model)[-1].round == 1  # a fixed point
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(RecipeError, match="repeat"):
+            parse_recipe({**steps, "repeat": bad})

@@ -113,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
     def on_step(index: int, total: int, name: str, record: StepRecord | None) -> None:
         if record is None:
+            if index == 1 and bar.n:  # the recipe repeats: a new round of steps
+                bar.reset(total=total)
             bar.set_description(f"{index}/{total} {name}")
         else:
             bar.update(1)
