@@ -27,12 +27,31 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-
 from onnxpress.passes.quant_common import NodeFilter, to_proto_file
+
+from onnxpress.calibration import checked_batches
 
 logger = logging.getLogger(__name__)
 
 Batches = Sequence[Mapping[str, np.ndarray]]
+
+
+def calibration_sample(model: ir.Model, calibration: Any, count: int) -> list[dict[str, np.ndarray]]:
+    """The first ``count`` calibration batches, checked against the model, for the search.
+
+    Raises:
+        ValueError: No calibration data was given, or it holds no batch.
+    """
+    if calibration is None:
+        raise ValueError("auto_exclude needs calibration batches: pass --data FILE.npz (or set auto_exclude: false)")
+    batches: list[dict[str, np.ndarray]] = []
+    for batch in checked_batches(model, calibration):
+        batches.append(dict(batch))
+        if len(batches) >= count:
+            break
+    if not batches:
+        raise ValueError("auto_exclude: the calibration data holds no batch")
+    return batches
 
 
 def _session(model: ir.Model, folder: str, name: str) -> ort.InferenceSession:

@@ -155,3 +155,8 @@ def names_in(model: ir.Model, names: Iterable[str]) -> list[str]:
     """The given names that are node names of ``model``, in the model's order."""
     wanted = set(names)
     return [n.name for n in all_nodes(model) if n.name in wanted]
+
+
+def wants_auto_exclude(setting: bool | None, calibration: object | None) -> bool:
+    """``auto_exclude: true`` always searches; ``null`` searches only when calibration data is given."""
+    return bool(setting) or (setting is None and calibration is not None)

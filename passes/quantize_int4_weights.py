@@ -31,10 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import onnx_ir as ir
-
-from onnxpress.calibration import checked_batches
 from onnxpress.passes.base import Needs, OnnxpressPass, option
-from onnxpress.passes.quant_common import NodeFilter, adopt, check_exclusions, load_for_adopt, to_proto_file
+from onnxpress.passes.quant_common import (
+    NodeFilter,
+    adopt,
+    check_exclusions,
+    load_for_adopt,
+    to_proto_file,
+    wants_auto_exclude,
+)
 from onnxpress.passes.registry import register
 
 if TYPE_CHECKING:
@@ -80,7 +85,6 @@ def gemm_to_matmul(model: ir.Model, node_filter: NodeFilter) -> int:
     only MatMul, and exporters (torch's ``nn.Linear``) write Gemm.
     """
     import numpy as np
-
     from onnxpress.passes.quant_common import float_weight
 
     count = 0
@@ -204,18 +208,12 @@ class QuantizeInt4WeightsPass(OnnxpressPass):
         node_filter = NodeFilter(config.exclude_nodes, config.exclude_op_types)
         check_exclusions(model, node_filter, self.name)
         auto: dict = {}
-        if config.auto_exclude or (config.auto_exclude is None and self.calibration is not None):
-            from onnxpress.passes.auto_exclude import auto_exclude
+        if wants_auto_exclude(config.auto_exclude, self.calibration):
+            from onnxpress.passes.auto_exclude import auto_exclude, calibration_sample
 
-            if self.calibration is None:
-                raise ValueError("auto_exclude needs calibration batches: pass --data FILE.npz")
-            sample = []
-            for batch in checked_batches(model, self.calibration):
-                sample.append(batch)
-                if len(sample) >= 4:
-                    break
             node_filter, auto = auto_exclude(
-                model, node_filter, sample, lambda m, f: quantize_int4(m, config, f),
+                model, node_filter, calibration_sample(model, self.calibration, 4),
+                lambda m, f: quantize_int4(m, config, f),
                 target_cosine=config.target_cosine, max_excluded=config.max_excluded,
                 quantizable=lambda n: n.op_type == "MatMul", progress=self._report,
             )

@@ -59,9 +59,6 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-
-from onnxpress.calibration import checked_batches
-from onnxpress.graphs import graph_likes
 from onnxpress.passes.base import Needs, OnnxpressPass, option
 from onnxpress.passes.quant_common import (
     NodeFilter,
@@ -69,8 +66,11 @@ from onnxpress.passes.quant_common import (
     float_weight,
     opset_of,
     quantize_symmetric,
+    wants_auto_exclude,
 )
 from onnxpress.passes.registry import register
+
+from onnxpress.graphs import graph_likes
 
 logger = logging.getLogger(__name__)
 
@@ -422,11 +422,12 @@ class QuantizeInt8DynamicPass(OnnxpressPass):
         node_filter = NodeFilter(config.exclude_nodes, config.exclude_op_types)
         check_exclusions(model, node_filter, self.name)
         auto: dict = {}
-        if config.auto_exclude or (config.auto_exclude is None and self.calibration is not None):
-            from onnxpress.passes.auto_exclude import auto_exclude
+        if wants_auto_exclude(config.auto_exclude, self.calibration):
+            from onnxpress.passes.auto_exclude import auto_exclude, calibration_sample
 
             node_filter, auto = auto_exclude(
-                model, node_filter, self._calibration_batches(model), self._quantize_copy,
+                model, node_filter, calibration_sample(model, self.calibration, config.calibration_batches),
+                self._quantize_copy,
                 target_cosine=config.target_cosine, max_excluded=config.max_excluded,
                 # MatMul/Gemm only: keeping an embedding Gather in float would undo most of the size saving
                 quantizable=lambda n: n.op_type in ("MatMul", "Gemm") and n.op_type in config.op_types,
@@ -448,17 +449,3 @@ class QuantizeInt8DynamicPass(OnnxpressPass):
         copy = model.clone()
         quantize_dynamic_int8(copy, self.config, node_filter)
         return copy
-
-    def _calibration_batches(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
-        if self.calibration is None:
-            raise ValueError(
-                "auto_exclude needs calibration batches: pass --data FILE.npz (or set auto_exclude: false)"
-            )
-        batches: list[dict[str, np.ndarray]] = []
-        for batch in checked_batches(model, self.calibration):
-            batches.append(dict(batch))
-            if len(batches) >= self.config.calibration_batches:
-                break
-        if not batches:
-            raise ValueError("auto_exclude: the calibration data holds no batch")
-        return batches

@@ -42,11 +42,18 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from onnxpress.passes.base import Needs, OnnxpressPass, ProgressCallback, option
+from onnxpress.passes.quant_common import (
+    NodeFilter,
+    adopt,
+    check_exclusions,
+    load_for_adopt,
+    to_proto_file,
+    wants_auto_exclude,
+)
+from onnxpress.passes.registry import register
 
 from onnxpress.calibration import checked_batches
-from onnxpress.passes.base import Needs, OnnxpressPass, ProgressCallback, option
-from onnxpress.passes.quant_common import NodeFilter, adopt, check_exclusions, load_for_adopt, to_proto_file
-from onnxpress.passes.registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -153,16 +160,11 @@ class QuantizeInt8StaticPass(OnnxpressPass):
         node_filter = NodeFilter(config.exclude_nodes, config.exclude_op_types)
         check_exclusions(model, node_filter, self.name)
         auto: dict = {}
-        if config.auto_exclude or (config.auto_exclude is None and self.calibration is not None):
-            from onnxpress.passes.auto_exclude import auto_exclude
+        if wants_auto_exclude(config.auto_exclude, self.calibration):
+            from onnxpress.passes.auto_exclude import auto_exclude, calibration_sample
 
-            sample = []
-            for batch in checked_batches(model, self.calibration):
-                sample.append(batch)
-                if len(sample) >= 4:
-                    break
             node_filter, auto = auto_exclude(
-                model, node_filter, sample,
+                model, node_filter, calibration_sample(model, self.calibration, 4),
                 lambda m, f: quantize_static_int8(m, self.calibration, config, f)[0],
                 target_cosine=config.target_cosine, max_excluded=config.max_excluded,
                 quantizable=lambda n: not n.op_type.endswith("QuantizeLinear"), progress=self._report,
