@@ -130,11 +130,104 @@ def _collect_sentences(importlib: Any) -> tuple[str, ...]:
             if inspect.isclass(obj) or inspect.isfunction(obj):
                 docs.append(obj.__doc__ or "")
         for doc in docs:
-            text = " ".join(doc.split())
-            for sentence in _SENTENCE_END.split(text):
-                if _PLAIN_SENTENCE.match(sentence) and 6 <= len(sentence.split()) <= 30:
-                    found.add(sentence)
+            found.update(_plain_sentences(doc))
     return tuple(sorted(found))
+
+
+#: Installed packages whose docstrings give calibration sentences, in the order they are read.
+CALIBRATION_PACKAGES = (
+    "numpy", "scipy", "sklearn", "networkx", "torch", "keras", "sympy", "transformers", "onnx",
+    "tensorflow",
+)
+
+
+def calibration_sentences(
+    n: int, seed: int = 0, packages: tuple[str, ...] = CALIBRATION_PACKAGES
+) -> list[str]:
+    """Plain English sentences from installed third-party docstrings, none from the stdlib pool.
+
+    Calibration text for data-aware compression of MiniLM that never overlaps the evaluation
+    sentences of :func:`sample_sentences`: the stdlib pool has only about a thousand
+    sentences, too few to calibrate on thousands and still hold some out. The sentences pass
+    the same filter as the stdlib ones (one capital-led sentence of 6 to 30 words, letters and
+    plain punctuation only) and come from the docstrings of the modules, classes and functions
+    of ``packages``, read from their ``.py`` source with :mod:`ast`: nothing is imported, so no
+    package code runs. Packages are read in the given order, each whole, until the pool holds at
+    least ``n`` distinct sentences (numpy and scipy alone give about 6 000); files are read in
+    sorted order, so the same ``n``, ``seed`` and installed versions give the same sentences.
+
+    Args:
+        n: How many sentences (all distinct).
+        seed: Seed of the draw from the pool.
+        packages: Top-level package names to read; those not installed are skipped.
+
+    Raises:
+        ValueError: ``n`` is negative, or the installed packages hold fewer than ``n`` sentences
+            (the message says how many there are and which packages were read).
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    stdlib = set(_sentence_pool())
+    pool: set[str] = set()
+    read: list[str] = []
+    for package in packages:
+        if len(pool) >= n:
+            break
+        sentences = _package_sentences(package)
+        if sentences is None:
+            continue
+        read.append(package)
+        pool.update(s for s in sentences if s not in stdlib)
+    if len(pool) < n:
+        raise ValueError(
+            f"asked for {n} calibration sentences, but the docstrings of the installed packages "
+            f"{read or 'none'} (of {list(packages)}) hold only {len(pool)} outside the stdlib pool; "
+            "ask for fewer or install more of those packages"
+        )
+    ordered = sorted(pool)
+    order = np.random.default_rng(seed).permutation(len(ordered))[:n]
+    return [ordered[i] for i in order]
+
+
+@functools.cache
+def _package_sentences(package: str) -> tuple[str, ...] | None:
+    """The plain sentences of one installed package's docstrings, sorted; None if not installed."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return None
+    roots = list(spec.submodule_search_locations or []) or ([spec.origin] if spec.origin else [])
+    files: list[Path] = []
+    for root in map(Path, roots):
+        files += sorted(root.rglob("*.py")) if root.is_dir() else [root] if root.suffix == ".py" else []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    found: set[str] = set()
+    with warnings.catch_warnings():  # invalid escape sequences in old sources warn on parse
+        warnings.simplefilter("ignore")
+        for file in files:
+            try:
+                tree = ast.parse(file.read_bytes(), filename=str(file))
+            except (SyntaxError, ValueError, OSError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, kinds):
+                    found.update(_plain_sentences(ast.get_docstring(node, clean=False) or ""))
+    logger.debug("%d calibration sentences in %d files of %s", len(found), len(files), package)
+    return tuple(sorted(found))
+
+
+def _plain_sentences(doc: str) -> list[str]:
+    """The sentences of a docstring that pass the sample filter (plain, 6 to 30 words)."""
+    text = " ".join(doc.split())
+    return [
+        s for s in _SENTENCE_END.split(text)
+        if _PLAIN_SENTENCE.match(s) and 6 <= len(s.split()) <= 30
+    ]
 
 
 def tokenize(
