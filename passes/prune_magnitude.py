@@ -47,6 +47,7 @@ from onnxpress.passes.base import Needs, OnnxpressPass, option
 from onnxpress.passes.pruning_common import (
     WEIGHT_OPS,
     BiasTarget,
+    IncrementalReader,
     WeightLayer,
     bias_value,
     channel_stats,
@@ -283,6 +284,7 @@ class PruneMagnitudePass(OnnxpressPass):
         grams = input_grams(model, layers, batches) if cfg.score == "sparsegpt" and not sequential else {}
         crosses: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
         original = ir.to_proto(model).SerializeToString() if sequential else b""
+        readers = (IncrementalReader(batches), IncrementalReader(batches)) if sequential else None
 
         pruned: list[BiasTarget] = []
         total = zeros = refit_biases = 0
@@ -296,8 +298,12 @@ class PruneMagnitudePass(OnnxpressPass):
             ones_scale = 1.0
             if sequential and layer.graph is model.graph and (layer.node.op_type != "Conv" or layer.groups == 1):
                 if id(layer.node) not in crosses:
-                    readers = [other for other in layers[i:] if other.data is layer.data and other.node.op_type == layer.node.op_type]
-                    crosses.update(cross_grams(original, model, readers, batches, ones=cfg.refit_bias))
+                    readers_of_input = [
+                        other for other in layers[i:] if other.data is layer.data and other.node.op_type == layer.node.op_type
+                    ]
+                    crosses.update(
+                        cross_grams(original, model, readers_of_input, batches, ones=cfg.refit_bias, readers=readers)
+                    )
                 if id(layer.node) in crosses:
                     pruned_gram, dense_cross, _ = crosses[id(layer.node)]
                     if cfg.refit_bias:

@@ -248,13 +248,38 @@ def take_batches(
     return batches
 
 
+def _keep_only(graph: onnx.GraphProto, names: Sequence[str]) -> None:
+    """Makes ``names`` the graph's only outputs and drops the nodes and initializers they do not need.
+
+    onnxruntime runs every node of a graph whatever outputs are fetched, so reading a value
+    early in the graph through the whole model costs a full run; cut to what the value needs,
+    a run reads only the prefix. Graphs with subgraphs (which may read outer values) keep all
+    their nodes.
+    """
+    outputs = {o.name: o for o in graph.output}
+    del graph.output[:]
+    graph.output.extend(outputs.get(n) or onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    needed = set(names)
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    del graph.node[:]
+    graph.node.extend(kept)
+    declared = {i.name for i in graph.input}  # an initializer listed as an input stays (IR < 4)
+    initializers = [t for t in graph.initializer if t.name in needed or t.name in declared]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
 def _session_with_outputs(model: ir.Model | bytes, names: Sequence[str]) -> tuple[ort.InferenceSession, list[str]]:
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            existing.add(name)
+    if names:
+        _keep_only(proto.graph, names)
     options = session_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -271,6 +296,80 @@ def run_with_outputs(
     for batch in batches:
         results = dict(zip(wanted, session.run(wanted, batch), strict=True)) if wanted else {}
         yield {n: (batch[n] if n in input_names else results[n]) for n in names}
+
+
+class IncrementalReader:
+    """Reads intermediate values of a model one after another, each from where the last read stopped.
+
+    Sequential pruning reads the input of every layer in turn, from a model that changes only
+    *after* the value read last (the layers reading it are rewritten before the next read).
+    Running the whole model for each read costs one model run per layer input; this reader
+    instead keeps, per batch, the *cut*: every value already computed that a node not yet run
+    still needs (the residual stream, the attention mask, the value read last). The next read
+    runs only the nodes between the cut and the new value, with the cut fed as graph inputs,
+    so reading all layer inputs in graph order costs about one model run in all.
+
+    Valid only while every rewritten node comes after the values already read (true for
+    layers pruned in graph order). Graphs with subgraphs are read with whole-model runs.
+    Memory: the cut of every batch, typically a few activations wide.
+    """
+
+    def __init__(self, batches: Sequence[dict[str, np.ndarray]]) -> None:
+        self.batches = list(batches)
+        self.cut: list[dict[str, np.ndarray]] = [dict(b) for b in self.batches]
+        self.done: set[str] = set()  # outputs of nodes already run
+
+    def read(self, model: ir.Model | bytes, name: str) -> list[np.ndarray]:
+        """The value ``name`` for every batch, as ``model`` computes it now."""
+        if self.cut and name in self.cut[0]:
+            return [c[name] for c in self.cut]
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model)
+        graph = proto.graph
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+            return [v[name] for v in run_with_outputs(proto.SerializeToString(), [name], self.batches)]
+        known = set(self.cut[0]) if self.cut else set()
+        producer = {o: i for i, node in enumerate(graph.node) for o in node.output}
+        run: set[int] = set()
+        stack = [name]
+        fed: set[str] = set()
+        while stack:
+            value = stack.pop()
+            if value in known:
+                fed.add(value)
+                continue
+            index = producer.get(value)
+            if index is None or index in run:
+                continue
+            run.add(index)
+            stack.extend(i for i in graph.node[index].input if i)
+        nodes = [graph.node[i] for i in sorted(run)]
+        produced = {o for node in nodes for o in node.output if o}
+        self.done |= produced
+        pending = [node for node in graph.node if not all(o in self.done for o in node.output if o)]
+        still_needed = {i for node in pending for i in node.input} | {o.name for o in graph.output}
+        keep = sorted(v for v in (known | produced) if v in still_needed)
+        outputs = sorted(({name} | set(keep)) & produced)
+        inputs = sorted(fed)
+        part = onnx.GraphProto(name=f"read_{name}", node=nodes)
+        needed = {i for node in nodes for i in node.input}
+        part.initializer.extend(t for t in graph.initializer if t.name in needed and t.name not in fed)
+        part.input.extend(
+            onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(self.cut[0][n].dtype), None)
+            for n in inputs
+        )
+        part.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
+        piece = onnx.ModelProto(ir_version=proto.ir_version, graph=part, opset_import=proto.opset_import)
+        options = session_options()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session = ort.InferenceSession(piece.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        result = []
+        for cut in self.cut:
+            values = dict(zip(outputs, session.run(outputs, {n: cut[n] for n in inputs}), strict=True))
+            result.append(values[name])
+            cut.update(values)
+            for stale in [v for v in cut if v not in keep]:
+                del cut[stale]
+        return result
 
 
 @dataclass
@@ -653,6 +752,7 @@ def cross_grams(
     batches: Sequence[dict[str, np.ndarray]],
     *,
     ones: bool = False,
+    readers: tuple[IncrementalReader, IncrementalReader] | None = None,
 ) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
     """For layers that read one value: ``X~^T X~`` and ``X^T X~``, by node id.
 
@@ -660,6 +760,9 @@ def cross_grams(
     original model, so a layer can be refit to reproduce its original output from the
     input it will really get. With ``ones`` both get a last column of ones (``[X, 1]``), so
     the bias can be fit with the weights. Layers with no matrix form are missing from the result.
+    With ``readers`` (one for ``reference``, one for ``model``, kept across the calls for the
+    layer inputs in graph order) each value is computed from where the previous read stopped
+    instead of by a whole-model run.
     """
     if not layers:
         return {}
@@ -668,11 +771,20 @@ def cross_grams(
     shape = tuple(layer.weight.const_value.shape)  # type: ignore[union-attr]
     pruned_gram = dense_cross = None
     count = 0
-    for dense, current in zip(
-        run_with_outputs(reference, [name], batches), run_with_outputs(model, [name], batches), strict=True
-    ):
-        x_dense = _design(layer, dense[name], shape)
-        x_pruned = _design(layer, current[name], shape)
+    if readers is not None:
+        pairs: Iterable[tuple[np.ndarray, np.ndarray]] = zip(
+            readers[0].read(reference, name), readers[1].read(model, name), strict=True
+        )
+    else:
+        pairs = (
+            (dense[name], current[name])
+            for dense, current in zip(
+                run_with_outputs(reference, [name], batches), run_with_outputs(model, [name], batches), strict=True
+            )
+        )
+    for dense_value, current_value in pairs:
+        x_dense = _design(layer, dense_value, shape)
+        x_pruned = _design(layer, current_value, shape)
         if x_dense is None or x_pruned is None:
             return {}
         if ones:
