@@ -13,13 +13,13 @@ from onnxpress.models import minilm
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 
 
-def _fake_package(root: Path, stdlib_sentence: str, count: int) -> str:
+def _fake_package(root: Path, stdlib_sentence: str, count: int, word: str = "plain") -> str:
     """A package of two modules whose docstrings hold ``count`` plain sentences and one stdlib one."""
     name = f"fakedocs_{uuid.uuid4().hex[:8]}"
     package = root / name
     (package / "sub").mkdir(parents=True)
     sentences = [
-        f"The {WORDS[i % 10]} value reads the {WORDS[(i // 10) % 10]} field of record {WORDS[i // 100]}."
+        f"The {word} {WORDS[i % 10]} value reads the {WORDS[(i // 10) % 10]} field of record {WORDS[i // 100]}."
         for i in range(count)
     ]
     half = count // 2
@@ -67,3 +67,24 @@ def test_stdlib_pool_is_unchanged() -> None:
     assert list(pool) == sorted(set(pool)) and len(pool) > 1000
     order = np.random.default_rng(0).permutation(len(pool))[:3]
     assert minilm.sample_sentences(3, seed=0) == [pool[i] for i in order]
+
+
+def test_stdlib_source_reads_the_standard_library_folder_but_not_installed_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sysconfig
+
+    stdlib_sentence = minilm.sample_sentences(1, seed=8)[0]
+    name = _fake_package(tmp_path / "lib", stdlib_sentence, 40)  # a module folder of the "stdlib"
+    installed = _fake_package(tmp_path / "lib" / "site-packages", stdlib_sentence, 30, word="installed")
+    paths = dict(sysconfig.get_paths(), stdlib=str(tmp_path / "lib"))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *args, **kwargs: paths)
+    minilm._package_sentences.cache_clear()
+    try:
+        got = minilm.calibration_sentences(40, packages=("stdlib",))
+        assert stdlib_sentence not in got and len(set(got)) == 40
+        with pytest.raises(ValueError, match=r"\['stdlib'\].* hold only 40"):
+            minilm.calibration_sentences(41, packages=("stdlib",))  # site-packages is not read
+    finally:
+        minilm._package_sentences.cache_clear()
+    assert name and installed
