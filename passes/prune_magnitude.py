@@ -113,6 +113,11 @@ class PruneMagnitudeConfig:
         "sparsegpt: refit each layer to its original output from the inputs the model pruned so far "
         "gives it (two more runs per layer input).",
     )
+    refit_kept: bool = option(
+        False,
+        "sparsegpt: after the mask is chosen, solve each row's kept weights exactly (least squares on the "
+        "calibration Hessian) instead of keeping SparseGPT's one-pass updates.",
+    )
     refit_bias: bool = option(
         False,
         "sparsegpt with sequential: fit each layer's bias together with its kept weights "
@@ -141,6 +146,8 @@ class PruneMagnitudeConfig:
                 )
             if self.per_layer:
                 raise ValueError("pattern N:M fixes the sparsity of every tensor: per_layer does not apply")
+        if self.refit_kept and self.score != "sparsegpt":
+            raise ValueError("refit_kept refits the weights SparseGPT keeps: it needs score=sparsegpt")
         if self.refit_bias and not (self.score == "sparsegpt" and self.sequential):
             raise ValueError("refit_bias refits biases in the sequential SparseGPT solve: it needs score=sparsegpt and sequential=true")
         if self.scope == "global" and self.granularity == "row":
@@ -210,6 +217,23 @@ def _scale_ones(pruned_gram: np.ndarray, dense_cross: np.ndarray) -> tuple[np.nd
     factors[-1] = scale
     outer = np.outer(factors, factors)
     return pruned_gram * outer, dense_cross * outer, scale
+
+
+def _refit_kept(hessian: np.ndarray, rhs: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+    """The least-squares optimum of each row's kept weights for a fixed mask.
+
+    SparseGPT updates a column's weights only while it prunes the columns before it, so the
+    weights it keeps are close to, not at, the optimum for the final mask. Per row ``r`` with
+    kept columns ``K``, ``w_K = H[K, K]^-1 rhs[r, K]``, where ``w H = rhs`` are the normal
+    equations of the dense fit (``H`` damped as in the pruning). Cost: one solve of the kept
+    size per row.
+    """
+    weight = np.zeros_like(rhs)
+    for row in range(len(rhs)):
+        kept = np.flatnonzero(~pruned[row])
+        if kept.size:
+            weight[row, kept] = np.linalg.solve(hessian[np.ix_(kept, kept)], rhs[row, kept])
+    return weight
 
 
 def _rows_view(layer: WeightLayer, array: np.ndarray) -> np.ndarray:
@@ -482,6 +506,8 @@ class PruneMagnitudePass(OnnxpressPass):
             return None
         fraction = count / array.size
         n, m = cfg.pattern_nm if cfg.pattern is not None else (0, 0)
+        rhs = weight @ hessian if cfg.refit_kept else None  # the dense fit's normal equations: w H = rhs
+        pruned_mask = np.zeros(weight.shape, dtype=bool)
         for start in range(0, cols, cfg.block_size):
             stop = min(start + cfg.block_size, cols)
             block = weight[:, start:stop].copy()
@@ -512,7 +538,10 @@ class PruneMagnitudePass(OnnxpressPass):
                 block[:, j] = kept
                 errors[:, j] = error
             weight[:, start:stop] = block
+            pruned_mask[:, start:stop] = mask
             weight[:, stop:] -= errors @ upper[start:stop, stop:]
+        if rhs is not None:
+            weight = _refit_kept(hessian, rhs, pruned_mask)
         new_bias = weight[:, prunable] if bias is not None else None
         return weight_from_matrix(layer, weight[:, :prunable].T, array.shape).astype(array.dtype), new_bias
 

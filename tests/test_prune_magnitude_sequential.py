@@ -88,3 +88,33 @@ def test_sequential_pass_is_the_same_with_incremental_reads(rng, monkeypatch):
     for name in results[0]:
         np.testing.assert_allclose(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
     assert np.mean(results[0]["w1"] == 0) == pytest.approx(0.5)
+
+
+def test_refit_kept_solves_the_kept_weights_for_the_same_mask(rng):
+    w = rng.standard_normal((48, 32)).astype(np.float32)
+    proto = oh.make_model(
+        oh.make_graph(
+            [oh.make_node("MatMul", ["x", "w"], ["y"])], "g",
+            [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 48])],
+            [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32])],
+            [nh.from_array(w, "w")],
+        ),
+        opset_imports=[oh.make_opsetid("", 18)],
+    )
+    mixing = (np.eye(48) + 0.5 * rng.standard_normal((48, 48))) * np.exp(rng.uniform(-1, 1, 48))[None, :]
+    calibration = [{"x": (rng.standard_normal((256, 48)) @ mixing).astype(np.float32)} for _ in range(2)]
+    x = np.concatenate([b["x"] for b in calibration]).astype(np.float64)
+    options = {"sparsity": 0.6, "scope": "per-layer", "granularity": "row", "min_elements": 0,
+               "score": "sparsegpt", "damping": 1e-6, "block_size": 16}
+    pruned = {}
+    for refit in (False, True):
+        model = ir.from_proto(proto)
+        PruneMagnitude(PruneMagnitude.Config(refit_kept=refit, **options), calibration=calibration)(model)
+        pruned[refit] = model.graph.initializers["w"].const_value.numpy().astype(np.float64)
+    np.testing.assert_array_equal(pruned[True] == 0, pruned[False] == 0)  # same mask
+    errors = {k: np.linalg.norm(x @ v - x @ w, axis=0) for k, v in pruned.items()}
+    # the refit is the least-squares optimum of each output column for its mask
+    assert (errors[True] <= errors[False] * (1 + 1e-5)).all()
+    assert errors[True].sum() < 0.99 * errors[False].sum()
+    with pytest.raises(ValueError, match="refit_kept"):
+        PruneMagnitude.Config(score="activation", refit_kept=True)
