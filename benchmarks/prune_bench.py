@@ -135,9 +135,9 @@ def digits_rows(workdir: Path, threads: int | None) -> list[dict[str, Any]]:
 def _length_buckets(tokenize, sentences: list[str], batch: int) -> list[dict[str, np.ndarray]]:
     """Calibration batches of sentences of equal token length: no padding in the statistics."""
     buckets: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-    for sentence in sentences:
-        tokens = tokenize([sentence])
-        buckets[tokens["input_ids"].shape[1]].append(tokens)
+    padded = tokenize(sentences)  # one tokenizer load; rows are cut back to their own length
+    for row, length in enumerate(padded["attention_mask"].sum(axis=1)):
+        buckets[int(length)].append({k: v[row : row + 1, :length] for k, v in padded.items()})
     batches = []
     for _, group in sorted(buckets.items()):
         for i in range(0, len(group), batch):
