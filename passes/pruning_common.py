@@ -358,7 +358,9 @@ class IncrementalReader:
             for n in inputs
         )
         part.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in outputs)
-        piece = onnx.ModelProto(ir_version=proto.ir_version, graph=part, opset_import=proto.opset_import)
+        piece = onnx.ModelProto(
+            ir_version=proto.ir_version, graph=part, opset_import=proto.opset_import, functions=proto.functions
+        )
         options = session_options()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         session = ort.InferenceSession(piece.SerializeToString(), options, providers=["CPUExecutionProvider"])
