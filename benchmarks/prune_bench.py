@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--save-dir", help="keep the pruned models here (for prune_throughput.py)")
     args = parser.parse_args()
+    if args.calib_with_stdlib and args.calib_sentences is None:
+        parser.error("--calib-with-stdlib adds the 768 sample sentences to --calib-sentences N: give N")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("onnxpress").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="prune-bench-") as tmp:
