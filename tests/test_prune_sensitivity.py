@@ -19,6 +19,7 @@ from onnxpress.recipes import parse_recipe
 from onnxpress.sensitivity import (
     LayerSensitivity,
     SensitivityReport,
+    allocate,
     analyze,
     choose_ratios,
     glob_escape,
@@ -93,6 +94,78 @@ def test_choose_ratios_takes_the_highest_level_whose_lower_levels_all_hold():
     assert report.per_layer() == ["*=0", "a=0.5", "c[[]0[]]=0.75"]
     with pytest.raises(InputError):
         choose_ratios(report, -1.0)
+
+
+def _budget_report(rng: np.random.Generator, layers: int, levels: tuple[float, ...]) -> SensitivityReport:
+    """Random sizes and drops that grow with the level, each layer at its own rate."""
+    table = []
+    for i in range(layers):
+        rate, power = rng.uniform(0.01, 5.0), rng.uniform(1.0, 3.0)
+        table.append(LayerSensitivity(f"w{i}", "MatMul", int(rng.integers(10, 1000)),
+                                      {level: rate * level**power for level in levels}))
+    return SensitivityReport(method="prune-magnitude", metric="cosine", levels=levels, layers=table)
+
+
+def test_allocate_meets_the_budget_and_no_assignment_meets_it_cheaper_on_its_hull(rng):
+    import itertools
+
+    levels = (0.25, 0.5, 0.75)
+    for _ in range(20):
+        report = _budget_report(rng, 4, levels)
+        target = float(rng.uniform(0.1, 0.7))
+        chosen = allocate(report, target)
+        assert report.reached() >= target - 1e-9
+        cost = sum(layer.drops[chosen[layer.name]] for layer in report.layers if layer.name in chosen)
+        # Brute force: the cheapest assignment that meets the budget. Lagrangian relaxation is
+        # exact on the convex hull of the choices; off it, it may pay more, but never more than
+        # the cheapest assignment that reaches at least what it reached.
+        best = min(
+            sum(layer.drops[v] for layer, v in zip(report.layers, combo, strict=True) if v)
+            for combo in itertools.product((0.0, *levels), repeat=4)
+            if sum(layer.size * v for layer, v in zip(report.layers, combo, strict=True))
+            >= report.reached() * sum(layer.size for layer in report.layers) - 1e-9
+        )
+        assert cost <= best + 1e-9
+
+
+def test_allocate_spends_the_budget_where_it_is_cheap():
+    report = SensitivityReport(
+        method="prune-magnitude", metric="cosine", levels=(0.25, 0.5, 0.75),
+        layers=[
+            LayerSensitivity("fragile", "MatMul", 100, {0.25: 0.01, 0.5: 0.04, 0.75: 0.2}),
+            LayerSensitivity("robust", "MatMul", 100, {0.25: 0.001, 0.5: 0.002, 0.75: 0.005}),
+        ],
+    )
+    assert allocate(report, 0.5) == {"fragile": 0.25, "robust": 0.75}
+    assert report.reached() == pytest.approx(0.5)
+    assert report.per_layer() == ["*=0", "fragile=0.25", "robust=0.75"]
+    with pytest.raises(InputError, match="target"):
+        allocate(report, 0.8)
+
+
+def test_cli_target_writes_a_recipe_that_reaches_the_target(rng, tmp_path, capsys):
+    path = tmp_path / "mlp.onnx"
+    _mlp(rng, path)
+    np.savez(tmp_path / "data.npz", x=_data(rng, path)["x"])
+    recipe = tmp_path / "recipe.yaml"
+    code = main([
+        "sensitivity", str(path), "--data", str(tmp_path / "data.npz"), "--levels", "0.25,0.5,0.75",
+        "--target", "0.5", "--set", "min_elements=0", "--report", str(tmp_path / "s.json"),
+        "--recipe-out", str(recipe), "--no-progress",
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "target 0.5" in out and "all chosen levels together" in out
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["target"] == 0.5 and saved["reached"] >= 0.5 and saved["combined_drop"] is not None
+    pruned = tmp_path / "pruned.onnx"
+    assert main(["compress", str(path), "-o", str(pruned), "--recipe", str(recipe), "--no-progress"]) == 0
+    weights = {i.name: nh.to_array(i) for i in onnx.load(pruned).graph.initializer}
+    zeros = sum(int(np.count_nonzero(weights[n] == 0)) for n in ("w1", "w2"))
+    assert zeros / (weights["w1"].size + weights["w2"].size) >= 0.5 - 0.01
+    assert main(["sensitivity", str(path), "--data", str(tmp_path / "data.npz"), "--target", "0.5",
+                 "--max-drop", "1", "--no-progress"]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_glob_escape_matches_only_the_name():

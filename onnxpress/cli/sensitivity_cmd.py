@@ -1,4 +1,4 @@
-"""``onnxpress sensitivity MODEL --data DATA``: per-layer pruning sensitivity and ratios within a tolerance."""
+"""``onnxpress sensitivity MODEL --data DATA``: per-layer pruning sensitivity, and ratios within a tolerance or for a budget."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="measure each layer's accuracy or fidelity drop when pruned, and choose per-layer ratios",
         description="Prune one layer at a time at each level and validate against the original on "
         "DATA. The drop is in accuracy points with labels, 1 - mean cosine without. With --max-drop, "
-        "each layer gets the highest level within the tolerance, the levels are checked together, "
-        "and --recipe-out writes the recipe that applies them.",
+        "each layer gets the highest level within the tolerance and the levels are checked together; "
+        "with --target, the levels that reach that overall sparsity (by layer size) with the least "
+        "summed drop are chosen and measured together. --recipe-out writes the recipe that applies them.",
     )
     parser.add_argument("model", help="the .onnx model (never modified)")
     parser.add_argument("--data", required=True, help="validation inputs (.npz keyed by input name; a 'label' array is used)")
@@ -31,14 +32,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="comma-separated sparsities or channel ratios (default %(default)s)")
     parser.add_argument("--max-drop", type=float, metavar="X",
                         help="tolerance per layer and for all together (points with labels, else 1-cosine)")
-    parser.add_argument("--no-verify", action="store_true", help="with --max-drop, skip the combined check")
+    parser.add_argument("--target", type=float, metavar="S",
+                        help="instead of --max-drop: the overall sparsity (or channel ratio), weighted by "
+                        "layer size, to reach with the least summed drop")
+    parser.add_argument("--no-verify", action="store_true", help="skip the combined check of the chosen levels")
     parser.add_argument("--set", dest="options", action="append", default=[], metavar="OPTION=VALUE",
                         help="another option of the pass, e.g. score=activation; repeatable")
     parser.add_argument("--calibration", metavar="FILE.npz", help="calibration inputs for options that need them")
     parser.add_argument("--samples", type=int, help="validate on the first N samples")
     parser.add_argument("--batch-size", type=int, default=64, help="rows per batch (default 64)")
     parser.add_argument("--report", help="write the table and the choice as JSON here")
-    parser.add_argument("--recipe-out", help="with --max-drop, write the recipe applying the chosen levels here")
+    parser.add_argument("--recipe-out", help="with --max-drop or --target, write the recipe applying the chosen levels here")
     parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     return parser
 
@@ -58,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         levels = [float(x) for x in args.levels.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--levels {args.levels}: expected comma-separated fractions, e.g. 0.5,0.75,0.9") from None
-    if args.recipe_out and args.max_drop is None:
-        raise InputError("--recipe-out needs --max-drop (the recipe applies the levels it chooses)")
+    if args.recipe_out and args.max_drop is None and args.target is None:
+        raise InputError("--recipe-out needs --max-drop or --target (the recipe applies the levels they choose)")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     data = load_npz(args.data)
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = analyze(
             args.model, data, labels=labels, method=args.method, levels=levels, options=_options(args.options),
-            calibration=calibration, batch_size=args.batch_size, max_drop=args.max_drop,
+            calibration=calibration, batch_size=args.batch_size, max_drop=args.max_drop, target=args.target,
             verify=not args.no_verify, progress=progress,
         )
     finally:
