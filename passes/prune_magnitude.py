@@ -305,7 +305,10 @@ class PruneMagnitudePass(OnnxpressPass):
         scores = self._scores(model, layers, batches)
         counts = self._allocate(layers, scores, target)
         sequential = cfg.score == "sparsegpt" and cfg.sequential
-        grams = input_grams(model, layers, batches) if cfg.score == "sparsegpt" and not sequential else {}
+        # A layer that loses nothing needs no Hessian (sensitivity analysis prunes one layer at a
+        # time); the sequential solve still refits it to the original outputs.
+        to_solve = [layer for layer in layers if counts[layer.name]]
+        grams = input_grams(model, to_solve, batches) if cfg.score == "sparsegpt" and not sequential else {}
         crosses: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
         original = ir.to_proto(model).SerializeToString() if sequential else b""
         readers = (IncrementalReader(batches), IncrementalReader(batches)) if sequential else None

@@ -388,3 +388,28 @@ def test_refit_bias_fits_biases_with_the_kept_weights(rng):
     assert errors[True][0] < 1.25 * errors[False][0]
     with pytest.raises(ValueError, match="refit_bias"):
         PruneMagnitude.Config(score="activation", refit_bias=True)
+
+
+def test_sparsegpt_solves_only_the_layers_that_lose_weights(rng, monkeypatch):
+    """Pinning every other layer at 0 (what sensitivity analysis does) costs no Hessian for them."""
+    import onnxpress.passes.prune_magnitude as module
+
+    proto = _model(rng)
+    calibration = [{"x": rng.standard_normal((16, 8, 8, 8)).astype(np.float32)} for _ in range(2)]
+    asked: list[list[str]] = []
+    real = module.input_grams
+
+    def recording(model, layers, batches):
+        asked.append([layer.name for layer in layers])
+        return real(model, layers, batches)
+
+    monkeypatch.setattr(module, "input_grams", recording)
+    original = _weights(ir.from_proto(proto))
+    model, instance = _run_pass(proto, calibration, scope="per-layer", per_layer=("*=0", "mm_w=0.5"),
+                                score="sparsegpt", refit_kept=True, min_elements=0)
+    assert asked == [["mm_w"]]
+    weights = _weights(model)
+    assert _sparsity(weights["mm_w"]) == pytest.approx(0.5, abs=0.02)
+    assert instance.details["tensors"]["mm_w"]["score"] == "sparsegpt"
+    for name in ("conv_w", "fc_w", "tiny_w"):
+        assert np.array_equal(weights[name], original[name])
