@@ -307,7 +307,7 @@ class PruneMagnitudePass(OnnxpressPass):
         sequential = cfg.score == "sparsegpt" and cfg.sequential
         # A layer that loses nothing needs no Hessian (sensitivity analysis prunes one layer at a
         # time); the sequential solve still refits it to the original outputs.
-        to_solve = [layer for layer in layers if counts[layer.name]]
+        to_solve = [layer for layer in layers if counts[layer.name] or cfg.pattern is not None]
         grams = input_grams(model, to_solve, batches) if cfg.score == "sparsegpt" and not sequential else {}
         crosses: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
         original = ir.to_proto(model).SerializeToString() if sequential else b""
