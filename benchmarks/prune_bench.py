@@ -15,8 +15,13 @@ N sentences from the rest of the standard library's docstrings, none of them in 
 ``--calib-with-stdlib`` adds the 768) and
 evaluates on 256 other stdlib sentences.
 
+``--allocate`` adds a MiniLM row (label "... from sensitivity ...") whose per-layer sparsities come from
+:func:`onnxpress.sensitivity.analyze` with ``target=0.5`` (each MatMul pruned alone at 30 to 70 %
+with SparseGPT, drops measured on 300 calibration sentences, Hessians from 1 000 others; needs
+``--calib-sentences`` of at least 1 300) instead of the attention-output pins.
+
 Run: ``python benchmarks/prune_bench.py [--skip-minilm | --skip-digits] [--minilm-only TEXT ...]
-[--calib-sentences N [--calib-with-stdlib]] [--threads N]
+[--calib-sentences N [--calib-with-stdlib]] [--allocate] [--threads N]
 [--json OUT] [--save-dir DIR]``,
 then ``python benchmarks/prune_throughput.py DIR/digits_*.onnx`` on a quiet machine.
 Throughput on a shared machine is noisy: rerun before quoting it.
@@ -168,12 +173,41 @@ def _minilm_pins(source: Path) -> tuple[str, ...]:
     return tuple(pins)
 
 
+def _sensitivity_levels(source: Path, tokenize: Any, sentences: list[str]) -> tuple[str, ...]:
+    """``per_layer`` levels reaching 50 % of the MatMul weights with the least summed drop.
+
+    Each MatMul is pruned alone at 30 to 70 % (SparseGPT per row with ``refit_kept``, Hessians
+    from the first 1 000 of ``sentences``) and compared with the original on the last 300;
+    :func:`onnxpress.sensitivity.allocate` then spends the budget where it costs least.
+    """
+    from onnxpress.sensitivity import analyze
+
+    if len(sentences) < 1300:
+        raise SystemExit("--allocate needs --calib-sentences 1300 or more (1 000 for Hessians, 300 to score)")
+    calibration = _length_buckets(tokenize, sentences[:1000], 32)
+    started = time.perf_counter()
+
+    def progress(done: int, total: int, message: str) -> None:
+        if done % 20 == 0 or done == total:
+            logger.info("sensitivity %d/%d (%s), %.0f s", done, total, message, time.perf_counter() - started)
+
+    report = analyze(
+        source, tokenize(sentences[-300:]), method="prune-magnitude", levels=(0.3, 0.4, 0.5, 0.6, 0.7),
+        options={"scope": "per-layer", "score": "sparsegpt", "granularity": "row", "refit_kept": True,
+                 "damping": 0.002, "ops": ["MatMul"], "calibration_batches": len(calibration)},
+        calibration=calibration, batch_size=64, target=0.5, progress=progress,
+    )
+    logger.info("%s", report.table())
+    return tuple(report.per_layer())
+
+
 def minilm_rows(
     workdir: Path,
     threads: int | None,
     only: list[str] | None = None,
     calib_sentences: int | None = None,
     calib_with_stdlib: bool = False,
+    allocate: bool = False,
 ) -> list[dict[str, Any]]:
     from onnxpress.models.minilm import (
         build_minilm_onnx,
@@ -209,9 +243,17 @@ def minilm_rows(
          {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row", "sequential": True,
           "refit_bias": True, "refit_kept": True, "damping": 0.002, "per_layer": _minilm_pins(source)}),
     ]
+    if allocate:  # its per_layer levels are measured when the row runs
+        configs.append(
+            ("SparseGPT, per row, sequential, refit_bias, refit_kept, damping 0.002, per-layer levels from sensitivity --target 0.5",
+             {"sparsity": 0.5, "scope": "per-layer", "score": "sparsegpt", "granularity": "row", "sequential": True,
+              "refit_bias": True, "refit_kept": True, "damping": 0.002, "per_layer": None}))
     if only:
         configs = [(label, options) for label, options in configs if any(o in label for o in only)]
     for label, options in configs:
+        if "per_layer" in options and options["per_layer"] is None:
+            levels = _sensitivity_levels(source, tokenize, calibration_sentences(calib_sentences or 0, seed=0))
+            options = dict(options, per_layer=levels)
         options = dict(options, calibration_batches=len(calibration), ops=("MatMul",))
         target = workdir / f"minilm_{_slug(label)}.onnx"
         details, seconds = _prune(source, target, "prune-magnitude", options, calibration)
@@ -248,10 +290,16 @@ def main() -> None:
         "--calib-with-stdlib", action="store_true",
         help="with --calib-sentences: calibrate on the 768 sample sentences and the N others together",
     )
+    parser.add_argument(
+        "--allocate", action="store_true",
+        help="add a MiniLM row with per-layer sparsities chosen by sensitivity --target 0.5 (~40 min more)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads for timing")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--save-dir", help="keep the pruned models here (for prune_throughput.py)")
     args = parser.parse_args()
+    if args.allocate and (args.calib_sentences or 0) < 1300:
+        parser.error("--allocate needs --calib-sentences 1300 or more (1 000 for Hessians, 300 to score)")
     if args.calib_with_stdlib and args.calib_sentences is None:
         parser.error("--calib-with-stdlib adds the 768 sample sentences to --calib-sentences N: give N")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -261,7 +309,8 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         rows = [] if args.skip_digits else digits_rows(workdir, args.threads)
         if not args.skip_minilm:
-            rows += minilm_rows(workdir, args.threads, args.minilm_only, args.calib_sentences, args.calib_with_stdlib)
+            rows += minilm_rows(workdir, args.threads, args.minilm_only, args.calib_sentences, args.calib_with_stdlib,
+                                args.allocate)
     table = [["model", "pass", "configuration", "result", "quality", "target", "met", "pass s"]]
     for r in rows:
         table.append([r["model"], r["pass"], r["config"], r["result"], r["metric"], r["target"],
