@@ -254,8 +254,8 @@ def analyze(
         raise InputError(f"sensitivity: levels must be fractions in (0, 1), got {list(levels)}")
     if max_drop is not None and target is not None:
         raise InputError("sensitivity: give a tolerance (max_drop) or a target level, not both")
-    if target is not None and not 0.0 < target <= max(levels):
-        raise InputError(f"sensitivity: target {target:g} must be in (0, {max(levels):g}], the highest level tried")
+    if target is not None:
+        _check_target(target, levels)
     options = dict(options or {})
     for key in ("per_layer", METHODS[method]):
         if key in options:
@@ -301,6 +301,11 @@ def _together(report: SensitivityReport) -> dict[str, Any]:
     return options
 
 
+def _check_target(target: float, levels: tuple[float, ...]) -> None:
+    if not 0.0 < target <= max(levels):
+        raise InputError(f"sensitivity: target {target:g} must be in (0, {max(levels):g}], the highest level tried")
+
+
 def allocate(report: SensitivityReport, target: float) -> dict[str, float]:
     r"""Per-layer levels that reach ``target`` overall with the least summed drop.
 
@@ -318,8 +323,7 @@ def allocate(report: SensitivityReport, target: float) -> dict[str, float]:
     Raises:
         InputError: ``target`` is not in ``(0, highest level]``.
     """
-    if not 0.0 < target <= max(report.levels):
-        raise InputError(f"target {target:g} must be in (0, {max(report.levels):g}], the highest level tried")
+    _check_target(target, report.levels)
     total = sum(layer.size for layer in report.layers)
     options = (0.0, *report.levels)
 

@@ -329,7 +329,7 @@ class PruneMagnitudePass(OnnxpressPass):
                         other for other in layers[i:] if other.data is layer.data and other.node.op_type == layer.node.op_type
                     ]
                     crosses.update(
-                        cross_grams(original, model, readers_of_input, batches, ones=cfg.refit_bias, readers=readers)
+                        cross_grams(original, model, readers_of_input, readers, ones=cfg.refit_bias)
                     )
                 if id(layer.node) in crosses:
                     pruned_gram, dense_cross, _ = crosses[id(layer.node)]

@@ -248,6 +248,18 @@ def take_batches(
     return batches
 
 
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    """Whether a node of ``graph`` holds a subgraph (If, Loop, Scan), which may read outer values."""
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute)
+
+
+def _basic_session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session with basic optimizations only: intermediate values keep their names."""
+    options = session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def _keep_only(graph: onnx.GraphProto, names: Sequence[str]) -> None:
     """Makes ``names`` the graph's only outputs and drops the nodes and initializers they do not need.
 
@@ -259,7 +271,7 @@ def _keep_only(graph: onnx.GraphProto, names: Sequence[str]) -> None:
     outputs = {o.name: o for o in graph.output}
     del graph.output[:]
     graph.output.extend(outputs.get(n) or onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+    if _has_subgraphs(graph):
         return
     needed = set(names)
     kept = []
@@ -280,9 +292,7 @@ def _session_with_outputs(model: ir.Model | bytes, names: Sequence[str]) -> tupl
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model)
     if names:
         _keep_only(proto.graph, names)
-    options = session_options()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _basic_session(proto)
     return session, list(names)
 
 
@@ -325,7 +335,7 @@ class IncrementalReader:
             return [c[name] for c in self.cut]
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else ir.to_proto(model)
         graph = proto.graph
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        if _has_subgraphs(graph):
             return [v[name] for v in run_with_outputs(proto.SerializeToString(), [name], self.batches)]
         known = set(self.cut[0]) if self.cut else set()
         producer = {o: i for i, node in enumerate(graph.node) for o in node.output}
@@ -361,9 +371,7 @@ class IncrementalReader:
         piece = onnx.ModelProto(
             ir_version=proto.ir_version, graph=part, opset_import=proto.opset_import, functions=proto.functions
         )
-        options = session_options()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        session = ort.InferenceSession(piece.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = _basic_session(piece)
         result = []
         for cut in self.cut:
             values = dict(zip(outputs, session.run(outputs, {n: cut[n] for n in inputs}), strict=True))
@@ -751,10 +759,9 @@ def cross_grams(
     reference: bytes,
     model: ir.Model,
     layers: Sequence[WeightLayer],
-    batches: Sequence[dict[str, np.ndarray]],
+    readers: tuple[IncrementalReader, IncrementalReader],
     *,
     ones: bool = False,
-    readers: tuple[IncrementalReader, IncrementalReader] | None = None,
 ) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
     """For layers that read one value: ``X~^T X~`` and ``X^T X~``, by node id.
 
@@ -762,9 +769,8 @@ def cross_grams(
     original model, so a layer can be refit to reproduce its original output from the
     input it will really get. With ``ones`` both get a last column of ones (``[X, 1]``), so
     the bias can be fit with the weights. Layers with no matrix form are missing from the result.
-    With ``readers`` (one for ``reference``, one for ``model``, kept across the calls for the
-    layer inputs in graph order) each value is computed from where the previous read stopped
-    instead of by a whole-model run.
+    ``readers`` (one for ``reference``, one for ``model``, kept across the calls for the layer
+    inputs in graph order) compute each value from where the previous read stopped.
     """
     if not layers:
         return {}
@@ -773,17 +779,7 @@ def cross_grams(
     shape = tuple(layer.weight.const_value.shape)  # type: ignore[union-attr]
     pruned_gram = dense_cross = None
     count = 0
-    if readers is not None:
-        pairs: Iterable[tuple[np.ndarray, np.ndarray]] = zip(
-            readers[0].read(reference, name), readers[1].read(model, name), strict=True
-        )
-    else:
-        pairs = (
-            (dense[name], current[name])
-            for dense, current in zip(
-                run_with_outputs(reference, [name], batches), run_with_outputs(model, [name], batches), strict=True
-            )
-        )
+    pairs = zip(readers[0].read(reference, name), readers[1].read(model, name), strict=True)
     for dense_value, current_value in pairs:
         x_dense = _design(layer, dense_value, shape)
         x_pruned = _design(layer, current_value, shape)
