@@ -1,9 +1,13 @@
 """prune-dead: remove what no output depends on.
 
 Removes nodes whose outputs nobody reads, initializers nobody reads (in the main graph and in
-every subgraph), graph inputs that are only initializers (they become plain constants), and
-local functions and opset imports that nothing uses. Node removal, function and opset clean-up
-are onnx_ir's passes; this pass adds the subgraph initializers and the counting.
+every subgraph), and local functions and opset imports that nothing uses. Node removal,
+function and opset clean-up are onnx_ir's passes; this pass adds the subgraph initializers and
+the counting.
+
+A graph input that is also an initializer stays an input: it is a default the caller may
+override (onnxruntime's "overridable initializers"), so turning it into a constant would
+change the model's interface and what it computes for such a feed.
 """
 
 from __future__ import annotations
@@ -37,30 +41,14 @@ def _remove_unused_subgraph_initializers(model: ir.Model) -> None:
                 del graph.initializers[value.name]
 
 
-def _remove_initializer_inputs(model: ir.Model) -> int:
-    """Drops graph inputs of the main graph that are also initializers (IR >= 4 only).
-
-    Before IR version 4 every initializer had to be a graph input, so those stay.
-    """
-    count = 0
-    if (model.ir_version or 0) < 4:
-        return count
-    for value in list(model.graph.inputs):
-        if value.is_initializer():
-            model.graph.inputs.remove(value)
-            count += 1
-    return count
-
-
 @register
 class PruneDeadPass(OnnxpressPass):
-    """Remove unused nodes, initializers, initializer inputs, functions and opset imports."""
+    """Remove unused nodes, initializers, functions and opset imports."""
 
     name = "prune-dead"
     Config = PruneDeadConfig
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        inputs = _remove_initializer_inputs(model)
         nodes_before = _count_nodes(model)
         inits_before = _count_initializers(model)
         functions_before = len(model.functions)
@@ -78,16 +66,14 @@ class PruneDeadPass(OnnxpressPass):
         self.details = {
             "nodes": nodes,
             "initializers": inits,
-            "initializer_inputs": inputs,
             "functions": functions,
             "opset_imports": opsets,
         }
         logger.info(
-            "prune-dead removed %d nodes, %d initializers, %d initializer inputs, "
-            "%d functions, %d opset imports",
-            nodes, inits, inputs, functions, opsets,
+            "prune-dead removed %d nodes, %d initializers, %d functions, %d opset imports",
+            nodes, inits, functions, opsets,
         )
-        return ir.passes.PassResult(model, modified=bool(nodes + inits + inputs + functions + opsets))
+        return ir.passes.PassResult(model, modified=bool(nodes + inits + functions + opsets))
 
 
 def _count_nodes(model: ir.Model) -> int:
