@@ -6,9 +6,11 @@ and only tensors that share a group are hashed (SHA-256), so a model of large di
 is never read twice; equal hashes are confirmed byte for byte before merging. Hashing and
 comparing read memory-mapped weights in place, never copying a tensor.
 
-Scoping follows ONNX: the main graph's constants are visible in every subgraph, so a subgraph
-constant equal to one of the main graph's reads that one; a function only sees its own.
-Graph inputs and outputs are never merged away.
+Scoping follows ONNX: the main graph's initializers are visible in every subgraph, so a
+subgraph constant equal to one of them reads that one; a function only sees its own. A main
+graph ``Constant`` node is not offered to subgraphs: it may come after the node that holds the
+subgraph, and reading it there would break the topological order. Graph inputs and outputs
+are never merged away.
 """
 
 from __future__ import annotations
@@ -113,12 +115,13 @@ class DedupConstantsPass(OnnxpressPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         main = _Table()
+        main_initializers = _Table()
         merged = 0
         saved = 0
-        # (graph, tables it may read from, its own table): subgraphs of the main graph see
-        # the main graph's constants; functions and their subgraphs see only their own.
+        # (graph, tables it may read from, its own table first): subgraphs of the main graph
+        # see the main graph's initializers; functions and their subgraphs see only their own.
         scopes: list[tuple[ir.Graph | ir.Function, list[_Table]]] = [(model.graph, [main])]
-        scopes += [(g, [_Table(), main]) for g in model.graph.subgraphs()]
+        scopes += [(g, [_Table(), main_initializers]) for g in model.graph.subgraphs()]
         for function in model.functions.values():
             scopes += [(g, [_Table()]) for g in graph_likes_of_function(function)]
         for graph, tables in scopes:
@@ -127,6 +130,8 @@ class DedupConstantsPass(OnnxpressPass):
                 keeper = next((k for t in tables if (k := t.find(tensor)) is not None), None)
                 if keeper is None or not replace_output(value, keeper):
                     own.add(value, tensor)
+                    if graph is model.graph and value.is_initializer():
+                        main_initializers.add(value, tensor)
                     continue
                 _remove_duplicate(graph, value)
                 merged += 1

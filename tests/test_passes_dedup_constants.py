@@ -57,6 +57,28 @@ def test_subgraph_constants_reuse_the_main_graphs(rng) -> None:
         assert_bit_identical(run_ort(before, feeds), run_ort(after, feeds))
 
 
+def test_subgraphs_never_read_a_main_graph_constant_node_defined_after_them(rng) -> None:
+    before = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[4] x, bool c) => (float[4] y, float[4] z)
+    {
+      y = If(c) <then_branch = t () => (float[4] ty) {
+            k = Constant <value = float[1] {2.0}> ()
+            ty = Mul(x, k)
+         }, else_branch = e () => (float[4] ey) {
+            ey = Neg(x)
+         }>
+      k2 = Constant <value = float[1] {2.0}> ()
+      z = Add(x, k2)
+    }
+    """)
+    after, records = apply_passes(before, "dedup-constants")  # checks the topological order
+    assert not records[0].modified
+    for c in (True, False):
+        feeds = {"x": rng.standard_normal(4).astype(np.float32), "c": np.array(c)}
+        assert_bit_identical(run_ort(before, feeds), run_ort(after, feeds))
+
+
 def test_graph_outputs_and_inputs_are_kept(rng) -> None:
     before = parse("""
     <ir_version: 8, opset_import: ["" : 17]>
