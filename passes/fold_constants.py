@@ -16,6 +16,11 @@ computes. (onnx's reference evaluator differs from onnxruntime in the last bit f
 Quantize/Dequantize nodes are kept, since onnxruntime keeps them for its quantized kernels;
 custom-domain ops, random ops, control flow and anything onnxruntime cannot run are left as
 they are.
+
+A ``Shape`` or ``Size`` that an ``If`` condition depends on is not folded: once the condition
+is constant, onnxruntime inlines the taken branch at session start and checks it with strict
+shape inference, which refuses some branches that run as they are (``Range`` fed ``[1]``
+tensors, as onnx's own expanded ``AffineGrid`` does), so the folded model would not load.
 """
 
 from __future__ import annotations
@@ -103,6 +108,24 @@ def _predicted_output_bytes(node: ir.Node, inputs: list[np.ndarray | None]) -> i
     return None
 
 
+def _if_condition_cone(model: ir.Model) -> set[ir.Node]:
+    """The nodes that some ``If`` condition depends on, through any graph."""
+    cone: set[ir.Node] = set()
+    stack = [
+        node.inputs[0].producer()
+        for graph in graph_likes(model)
+        for node in graph
+        if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.inputs and node.inputs[0] is not None
+    ]
+    while stack:
+        node = stack.pop()
+        if node is None or node in cone:
+            continue
+        cone.add(node)
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return cone
+
+
 def _evaluate(node: ir.Node, model: ir.Model, arrays: list[np.ndarray | None]) -> list[np.ndarray]:
     """Runs one node in onnxruntime on one thread and returns its outputs."""
     feeds = {}
@@ -147,6 +170,7 @@ class FoldConstantsPass(OnnxpressPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         infer_shapes(model)
+        self._condition_cone = _if_condition_cone(model)
         folded: Counter[str] = Counter()
         kept_for_size: list[str] = []
         total = sum(1 for g in graph_likes(model) for _ in g)
@@ -182,7 +206,7 @@ class FoldConstantsPass(OnnxpressPass):
             if attr.is_ref() or attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
                 return None
         if cfg.fold_shapes and node.op_type in ("Shape", "Size") and node.inputs:
-            return self._fold_shape(node)
+            return None if node in self._condition_cone else self._fold_shape(node)
         present = [v for v in node.inputs if v is not None]
         if not present:
             return None

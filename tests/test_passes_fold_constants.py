@@ -95,6 +95,33 @@ def test_shape_of_static_value_folds_and_custom_ops_are_left(rng) -> None:
     assert records[0].details["folded"] == {"Shape": 1, "Size": 1}
 
 
+def test_shape_that_an_if_condition_reads_is_not_folded() -> None:
+    """onnxruntime inlines an If with a constant condition and then refuses Range([1]) (AffineGrid)."""
+    before = parse("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (int64[2] size) => (float[?] y)
+    {
+      n = Size(size)
+      two = Constant <value = int64 {2}> ()
+      is2 = Equal(n, two)
+      four = Constant <value = int64[1] {4}> ()
+      w = If(is2) <then_branch = t () => (int64[1] tw) {
+            tw = Identity(four)
+         }, else_branch = e () => (int64[1] ew) {
+            ew, rest = Split <num_outputs = 2> (size)
+         }>
+      zero = Constant <value = int64 {0}> ()
+      one = Constant <value = int64 {1}> ()
+      r = Range(zero, w, one)
+      y = Cast <to = 1> (r)
+    }
+    """)
+    after, records = _fold(before)
+    assert "Size" in op_types(after)
+    feeds = {"size": np.array([3, 5], np.int64)}
+    assert_bit_identical(run_ort(before, feeds), run_ort(after, feeds))
+
+
 def test_quantize_nodes_graph_outputs_and_overridable_inputs_are_not_folded(rng) -> None:
     before = parse("""
     <ir_version: 8, opset_import: ["" : 17]>
