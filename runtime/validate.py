@@ -1,7 +1,8 @@
 """Compare a candidate model with its reference on the same batches and give a verdict.
 
 :func:`validate` runs both models (each through :class:`~onnxpress.runtime.runner.BatchRunner`,
-so fixed batch sizes are padded) over the same batches of real data, or of random data built
+so fixed batch sizes are padded) at the same time, each on half of the cores, over the same
+batches of real data, or of random data built
 from the reference's input specs when there is none (the report then warns that random inputs
 are a weak signal). Per output it reports the metrics of :mod:`onnxpress.runtime.metrics`;
 with labels, each model's accuracy; each artifact's size on disk (external data included);
@@ -20,6 +21,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -367,6 +369,22 @@ def _labels(
     return labels[:rows]
 
 
+def _compare_threads(threads: int | None) -> int:
+    """Intra-op threads for each model of the comparison pass: half of ``threads`` (or of the cores).
+
+    Both models run at once, each on its own half of the cores, instead of taking turns on
+    all of them: small models scale poorly across cores, and two sessions that take turns
+    either leave their idle threads spinning against each other or pay for waking them.
+    """
+    if threads:
+        cores = threads
+    elif hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
 def _measure_speed(
     reference: BatchRunner, candidate: BatchRunner, feeds: Mapping[str, np.ndarray], repeats: int, warmup: int = 2
 ) -> tuple[float, float]:
@@ -460,7 +478,8 @@ def validate(
         dims: Sizes of named dimensions for random inputs, e.g. ``{"seq": 128}``.
         measure_speed: Time both models (median of ``speed_repeats`` runs after warm-up).
         localize: Add the per-node localization table (:func:`~onnxpress.runtime.localize.localize`).
-        threads: onnxruntime intra-op threads.
+        threads: onnxruntime intra-op threads of the timed runs (its default when None);
+            the comparison runs both models at once on half of them (of the cores) each.
         speed_repeats: Timed runs per model.
         localize_batches: Batches localization runs.
         value_map: Reference value name -> candidate value name, for localization.
@@ -481,15 +500,12 @@ def validate(
         raise InputError("speed repeats and localization batches must be at least 1")
     tolerances = tolerances or Tolerances()
     warnings: list[str] = []
-    # The two sessions take turns: with spinning threads each would steal the other's cores.
-    ref_runner = BatchRunner(
-        reference, batch_size=batch_size,
-        session=load_session(reference, threads=threads, spinning=False),
-    )
-    cand_runner = BatchRunner(
-        candidate, batch_size=batch_size,
-        session=load_session(candidate, threads=threads, spinning=False),
-    )
+    # The comparison runs both models at once, each on half the cores (see _compare_threads).
+    half = _compare_threads(threads)
+    ref_runner = BatchRunner(reference, batch_size=batch_size,
+                             session=load_session(reference, threads=half, spinning=False))
+    cand_runner = BatchRunner(candidate, batch_size=batch_size,
+                              session=load_session(candidate, threads=half, spinning=False))
     fixed = [b for b in (ref_runner.fixed_batch, cand_runner.fixed_batch) if b is not None]
     if fixed:
         batch_size = min(fixed)
@@ -541,20 +557,14 @@ def validate(
             pending_elements = 0
             pending_start = stop
 
-        # Each model runs PHASE_BATCHES batches in a row: alternating two onnxruntime sessions
-        # batch by batch leaves the idle one's spinning threads fighting the busy one (measured
-        # 5.4x one model's time on 16 cores; 2.3x in phases of 8 batches).
-        phase: list[dict[str, np.ndarray]] = []
-        for lo, hi in iter_slices(rows, batch_size):
-            feeds = source.read(lo, hi, inputs)
-            if first_feeds is None:
-                first_feeds = feeds
-            phase.append(feeds)
-            if len(phase) < PHASE_BATCHES and hi < rows:
-                continue
-            ref_outs = [ref_runner.run_batch(f) for f in phase]
-            cand_outs = [cand_runner.run_batch(f) for f in phase]
-            phase = []
+        # Phases of PHASE_BATCHES batches: both models run a phase at once on two worker
+        # threads (onnxruntime releases the GIL) while this thread folds the previous phase
+        # into the metrics and reads the next one.
+        def run_phase(runner: BatchRunner, batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+            return [runner.run_batch(f) for f in batches]
+
+        def collect(ref_outs: list[dict[str, np.ndarray]], cand_outs: list[dict[str, np.ndarray]], hi: int) -> None:
+            nonlocal pending_elements
             for ref_out, cand_out in zip(ref_outs, cand_outs, strict=True):
                 for name, (refs, cands) in pending.items():
                     refs.append(ref_out[name])
@@ -562,8 +572,28 @@ def validate(
                     pending_elements += ref_out[name].size
             if pending_elements >= METRIC_CHUNK_ELEMENTS:
                 flush(hi)
+
+        phase: list[dict[str, np.ndarray]] = []
+        done: tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]], int] | None = None
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="onnxpress-validate") as pool:
+            for lo, hi in iter_slices(rows, batch_size):
+                feeds = source.read(lo, hi, inputs)
+                if first_feeds is None:
+                    first_feeds = feeds
+                phase.append(feeds)
+                if len(phase) < PHASE_BATCHES and hi < rows:
+                    continue
+                jobs = (pool.submit(run_phase, ref_runner, phase), pool.submit(run_phase, cand_runner, phase))
+                if done is not None:
+                    collect(*done)
+                    if progress is not None:
+                        progress(done[2], rows)
+                done = (jobs[0].result(), jobs[1].result(), hi)
+                phase = []
+        if done is not None:
+            collect(*done)
             if progress is not None:
-                progress(hi, rows)
+                progress(done[2], rows)
         flush(rows)
         report = ValidationReport(
             reference=ModelRun(str(reference), artifact_bytes(reference)),
@@ -576,6 +606,10 @@ def validate(
             report.candidate.accuracy = 100.0 * correct["c"] / rows
         if measure_speed and first_feeds is not None:
             full = source.read(0, min(batch_size, rows), inputs)
+            # timed as a user runs a model: alone, with all the threads
+            del ref_runner.session, cand_runner.session
+            ref_runner, cand_runner = (BatchRunner(path, batch_size=batch_size, threads=threads)
+                                       for path in (reference, candidate))
             report.reference.samples_per_second, report.candidate.samples_per_second = _measure_speed(
                 ref_runner, cand_runner, full, speed_repeats)
             report.speed_repeats = speed_repeats

@@ -98,6 +98,15 @@ def test_metrics_match_numpy(pair: tuple[Path, Path, dict], tmp_path: Path, rng:
     assert report.outputs["features"].top1_agreement is None  # features, not class scores
     assert report.samples == 150 and report.data.endswith("data.npz")
     assert report.reference.size_bytes == ref.stat().st_size
+    # small batches: several phases, each run by both models at once while the last one is scored
+    seen: list[tuple[int, int]] = []
+    phased = validate(ref, cand, data=tmp_path / "data.npz", batch_size=8, measure_speed=False,
+                      progress=lambda done, total: seen.append((done, total)))
+    assert [d for d, _ in seen] == [64, 128, 150] and {t for _, t in seen} == {150}
+    for name, m in phased.outputs.items():
+        assert m.max_abs_error == report.outputs[name].max_abs_error
+        assert (m.histogram == report.outputs[name].histogram).all()
+        assert m.min_cosine == pytest.approx(report.outputs[name].min_cosine, rel=1e-12)
 
 
 def test_accuracy_from_labels_and_failing_verdict(pair: tuple[Path, Path, dict], tmp_path: Path,

@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--samples", type=int, help="use the first N samples (random data: draw N, default 128)")
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
                         help="size of a named input dimension for random inputs; repeatable")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads of the timed runs; the comparison gives each model half")
     parser.add_argument("--recipe", help="read tolerances from this recipe's 'validate:' section")
     for flag, _, help_text in TOLERANCE_FLAGS:
         parser.add_argument(flag, type=_number_or_none, default=argparse.SUPPRESS, metavar="X", help=help_text)
