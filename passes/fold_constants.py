@@ -108,6 +108,16 @@ def _predicted_output_bytes(node: ir.Node, inputs: list[np.ndarray | None]) -> i
     return None
 
 
+def _same_dtype(array: np.ndarray, value: ir.Value) -> bool:
+    """Whether onnxruntime's result has the element type the graph declares for the value."""
+    if value.dtype is None or value.dtype not in _FEEDABLE | {ir.DataType.STRING}:
+        return False
+    try:
+        return ir.DataType.from_numpy(array.dtype) == value.dtype
+    except TypeError:
+        return False
+
+
 def _if_condition_cone(model: ir.Model) -> set[ir.Node]:
     """The nodes that some ``If`` condition depends on, through any graph."""
     cone: set[ir.Node] = set()
@@ -126,8 +136,8 @@ def _if_condition_cone(model: ir.Model) -> set[ir.Node]:
     return cone
 
 
-def _evaluate(node: ir.Node, model: ir.Model, arrays: list[np.ndarray | None]) -> list[np.ndarray]:
-    """Runs one node in onnxruntime on one thread and returns its outputs."""
+def _evaluate(node: ir.Node, model: ir.Model, arrays: list[np.ndarray | None]) -> list[np.ndarray | None]:
+    """Runs one node in onnxruntime on one thread; its outputs, None for those left unnamed."""
     feeds = {}
     graph_inputs = []
     node_proto = ir.serde.serialize_node(node)
@@ -158,7 +168,8 @@ def _evaluate(node: ir.Node, model: ir.Model, arrays: list[np.ndarray | None]) -
     session = ort.InferenceSession(
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    return session.run(None, feeds)
+    produced = iter(session.run(None, feeds))
+    return [next(produced) if out.name else None for out in node.outputs]
 
 
 @register
@@ -194,7 +205,7 @@ class FoldConstantsPass(OnnxpressPass):
 
     def _try_fold(
         self, node: ir.Node, model: ir.Model, kept_for_size: list[str]
-    ) -> list[np.ndarray] | None:
+    ) -> list[np.ndarray | None] | None:
         cfg = self.config
         if node.domain not in ("", "ai.onnx") or node.op_type in cfg.skip_ops:
             return None
@@ -231,9 +242,12 @@ class FoldConstantsPass(OnnxpressPass):
         except Exception as exc:  # onnxruntime cannot run it alone: leave it for run time
             logger.debug("Cannot fold %s: %s", describe_node(node), exc)
             return None
-        if not all(isinstance(r, np.ndarray) for r in results):
+        produced = [(r, out) for r, out in zip(results, node.outputs, strict=True) if out.name]
+        if not all(isinstance(r, np.ndarray) for r, _ in produced):
             return None
-        if sum(r.nbytes for r in results) - freed > cfg.size_budget_bytes:
+        if not all(_same_dtype(r, out) for r, out in produced):
+            return None  # e.g. float8 comes back from onnxruntime as uint8: the bits would be re-read
+        if sum(r.nbytes for r, _ in produced) - freed > cfg.size_budget_bytes:
             kept_for_size.append(describe_node(node))
             return None
         return results
@@ -254,12 +268,12 @@ class FoldConstantsPass(OnnxpressPass):
 
     @staticmethod
     def _replace(
-        graph: ir.Graph | ir.Function, node: ir.Node, results: list[np.ndarray], *, as_initializer: bool
+        graph: ir.Graph | ir.Function, node: ir.Node, results: list[np.ndarray | None], *, as_initializer: bool
     ) -> None:
         """Puts the results in place of the node: initializers, or Constant nodes in functions
         and before IR version 4 (when every initializer also had to be a graph input)."""
         for out, array in zip(node.outputs, results, strict=False):
-            if not out.name and not out.uses():
+            if array is None:
                 continue
             tensor = ir.tensor(array, name=out.name)
             if isinstance(graph, ir.Graph) and as_initializer:

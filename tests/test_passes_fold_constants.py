@@ -122,6 +122,44 @@ def test_shape_that_an_if_condition_reads_is_not_folded() -> None:
     assert_bit_identical(run_ort(before, feeds), run_ort(after, feeds))
 
 
+def test_node_with_an_unnamed_first_output_folds(rng) -> None:
+    before = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] x) => (float[2] y)
+    {
+      shp = Constant <value = int64[1] {2}> ()
+      s = Constant <value = float[1,1,1] {0.5}> ()
+      w = Constant <value = float[1,8,1] {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8}> ()
+      r = Constant <value = float[1,8,2] {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                          0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1}> ()
+      , h = LSTM <hidden_size = 2> (s, w, r)
+      f = Reshape(h, shp)
+      y = Add(x, f)
+    }
+    """)
+    after, records = _fold(before)
+    assert records[0].details["folded"] == {"LSTM": 1, "Reshape": 1}
+    assert_same_outputs(before, after, rng)
+
+
+def test_float8_results_are_not_reread_as_uint8(rng) -> None:
+    """onnxruntime hands float8 results back as uint8 arrays; folding them would change the type."""
+    before = parse("""
+    <ir_version: 9, opset_import: ["" : 19]>
+    g (float[3] x) => (float[3] z)
+    <float[3] a = {1.0, 2.0, 3.0}>
+    {
+      d = Cast <to = 17> (a)
+      e = Cast <to = 1> (d)
+      z = Add(x, e)
+    }
+    """)
+    after, records = _fold(before)
+    assert records[0].details["folded"] == {}
+    assert all(i.data_type != onnx.TensorProto.UINT8 for i in after.graph.initializer)
+    assert_same_outputs(before, after, rng)
+
+
 def test_quantize_nodes_graph_outputs_and_overridable_inputs_are_not_folded(rng) -> None:
     before = parse("""
     <ir_version: 8, opset_import: ["" : 17]>
