@@ -10,8 +10,8 @@
 3. Validation cost: ``validate(...)`` (opening both models, running them, metrics; no speed
    timing, no localization) against opening one model and a bare run over the same batches.
    Goal: at most 2.2x.
-4. Why validation misses that goal at onnxruntime's default thread count: two sessions run
-   alternately, with intra-op spinning on (the default) and off.
+4. Why ``validate`` runs both models at once: two models over the same batches, alternating
+   (intra-op spinning on and off) or at once on half the threads each, against one alone.
 
 Run: ``.venv/bin/python benchmarks/runtime_bench.py [--skip-big] [--big-gb 4.2] [--threads N]``.
 On a shared machine the timings are noisy; each row is the best of ``--repeats`` runs of each
@@ -177,41 +177,53 @@ def validation_cost(work: Path, repeats: int, threads: int | None, rng: np.rando
     return rows
 
 
-def spinning_effect(work: Path, repeats: int, rng: np.random.Generator, scale: float) -> list[list[str]]:
-    """One model alone vs two models alternating batch by batch (what validate does), with
-    onnxruntime's intra-op thread spinning on (its default) and off.
+def schedules(work: Path, repeats: int, threads: int | None, rng: np.random.Generator,
+              scale: float) -> list[list[str]]:
+    """Ways to run two models over the same batches, against one model alone (digits CNN).
 
-    Sessions are built here with onnxruntime directly, because ``load_session`` does not take
-    the spinning option; this measures what that option would change.
+    - alternating batch by batch on all threads, intra-op spinning on (onnxruntime's default):
+      the idle session's threads spin against the busy one's;
+    - the same with spinning off: no fight, but every run wakes its threads;
+    - both at once on two Python threads, each session on half the threads (what ``validate``
+      does): onnxruntime releases the GIL, and a small model scales poorly across threads.
     """
-    import onnxruntime as ort
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnxpress.runtime.validate import compare_threads
 
     model = digits_cnn_path()
     candidate = perturbed_copy(model, work / "spin-cand.onnx", rng)
     x = rng.standard_normal((int(100_000 * scale), 1, 8, 8)).astype(np.float32)
+    half = compare_threads(threads)
 
-    def session(path: Path, spin: bool) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        if not spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def loop(session) -> None:
+        for lo in range(0, len(x), 256):
+            session.run(None, {"image": x[lo:lo + 256]})
 
-    rows = [["spinning", "one model s", "two alternating s", "ratio"]]
-    for spin in (True, False):
-        one, two = [], []
-        for _ in range(repeats):
-            a, b = session(model, spin), session(candidate, spin)
+    def alternate(a, b) -> None:
+        for lo in range(0, len(x), 256):
+            a.run(None, {"image": x[lo:lo + 256]})
+            b.run(None, {"image": x[lo:lo + 256]})
+
+    def at_once(a, b) -> None:
+        with ThreadPoolExecutor(2) as pool:
+            for job in [pool.submit(loop, a), pool.submit(loop, b)]:
+                job.result()
+
+    cases = [("one model alone", threads, True, lambda a, b: loop(a)),
+             ("alternating, spinning on", threads, True, alternate),
+             ("alternating, spinning off", threads, False, alternate),
+             (f"at once, {half} thread(s) each", half, False, at_once)]
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):  # interleaved so machine noise hits all
+        for label, n, spin, run in cases:
+            a, b = load_session(model, threads=n, spinning=spin), load_session(candidate, threads=n, spinning=spin)
             start = time.perf_counter()
-            for lo in range(0, len(x), 256):
-                a.run(None, {"image": x[lo:lo + 256]})
-            one.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            for lo in range(0, len(x), 256):
-                a.run(None, {"image": x[lo:lo + 256]})
-                b.run(None, {"image": x[lo:lo + 256]})
-            two.append(time.perf_counter() - start)
-        rows.append(["on (default)" if spin else "off", f"{min(one):.3f}", f"{min(two):.3f}",
-                     f"{min(two) / min(one):.2f}x"])
+            run(a, b)
+            times.setdefault(label, []).append(time.perf_counter() - start)
+    one = min(times[cases[0][0]])
+    rows = [["schedule", "seconds", "vs one model"]]
+    rows += [[label, f"{min(t):.3f}", f"{min(t) / one:.2f}x"] for label, t in times.items()]
     return rows
 
 
@@ -263,7 +275,7 @@ def main() -> int:
     parser.add_argument("--skip-big", action="store_true", help="skip the big-file memory benchmark")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply the sample counts (a fast machine needs more to time)")
-    parser.add_argument("--only", choices=("overhead", "validate", "spinning", "memory"), help="run one benchmark")
+    parser.add_argument("--only", choices=("overhead", "validate", "schedules", "memory"), help="run one benchmark")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="onnxpress-bench-"))
@@ -274,9 +286,9 @@ def main() -> int:
         if args.only in (None, "validate"):
             print("validation cost (best of %d, interleaved; no speed timing, no localization)" % args.repeats)
             print(format_table(validation_cost(work, args.repeats, args.threads, rng, args.scale)), end="\n\n", flush=True)
-        if args.only in (None, "spinning"):
-            print("two sessions alternating, digits CNN, batch 256 (best of %d)" % args.repeats)
-            print(format_table(spinning_effect(work, args.repeats, rng, args.scale)), end="\n\n", flush=True)
+        if args.only in (None, "schedules"):
+            print("two models over the same batches, digits CNN, batch 256 (best of %d, interleaved)" % args.repeats)
+            print(format_table(schedules(work, args.repeats, args.threads, rng, args.scale)), end="\n\n", flush=True)
         if args.only == "memory" or (args.only is None and not args.skip_big):
             print("resident memory over a big input file")
             print(format_table(big_file_memory(work, args.big_gb, args.threads, rng)), flush=True)

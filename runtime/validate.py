@@ -369,7 +369,7 @@ def _labels(
     return labels[:rows]
 
 
-def _compare_threads(threads: int | None) -> int:
+def compare_threads(threads: int | None) -> int:
     """Intra-op threads for each model of the comparison pass: half of ``threads`` (or of the cores).
 
     Both models run at once, each on its own half of the cores, instead of taking turns on
@@ -500,8 +500,8 @@ def validate(
         raise InputError("speed repeats and localization batches must be at least 1")
     tolerances = tolerances or Tolerances()
     warnings: list[str] = []
-    # The comparison runs both models at once, each on half the cores (see _compare_threads).
-    half = _compare_threads(threads)
+    # The comparison runs both models at once, each on half the cores (see compare_threads).
+    half = compare_threads(threads)
     ref_runner = BatchRunner(reference, batch_size=batch_size,
                              session=load_session(reference, threads=half, spinning=False))
     cand_runner = BatchRunner(candidate, batch_size=batch_size,
