@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import google.protobuf.message
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -61,6 +62,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         ) from exc
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (it has no graph or no IR version)")
+    _densify_sparse(proto, path)
     try:
         model = ir.from_proto(proto)
     except Exception as exc:  # onnx_ir raises several types on malformed graphs
@@ -74,6 +76,56 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise InputError(f"{path}: not a valid ONNX model: {first_line}") from exc
     return model
+
+
+def _densify_sparse(proto: onnx.ModelProto, path: Path) -> None:
+    """Stores sparse initializers and ``Constant(sparse_value)`` densely, in every graph.
+
+    onnx_ir drops sparse initializers and cannot read sparse Constants; onnxruntime
+    densifies both when it loads the model anyway, so the outputs are the same bits.
+    """
+
+    def dense(sparse: onnx.SparseTensorProto) -> onnx.TensorProto:
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in (sparse.values, sparse.indices)):
+            raise InputError(
+                f"{path}: sparse tensor '{sparse.values.name}' keeps its data outside the model; "
+                "only sparse tensors stored in the file are supported"
+            )
+        values = onnx.numpy_helper.to_array(sparse.values)
+        indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+        shape = tuple(sparse.dims)
+        array = np.zeros(shape, dtype=values.dtype)
+        if values.dtype == object:
+            array[...] = b""
+        if indices.ndim == 2:
+            indices = np.ravel_multi_index(tuple(indices.T), shape)
+        array.reshape(-1)[indices] = values.reshape(-1)
+        return onnx.numpy_helper.from_array(array, sparse.values.name)
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for sparse in graph.sparse_initializer:
+            graph.initializer.append(dense(sparse))
+        if len(graph.sparse_initializer):
+            logger.info("%s: stored %d sparse initializers densely", path, len(graph.sparse_initializer))
+            del graph.sparse_initializer[:]
+        visit_nodes(graph.node)
+
+    def visit_nodes(nodes) -> None:
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.SPARSE_TENSOR and node.op_type == "Constant":
+                    tensor = dense(attr.sparse_tensor)
+                    attr.Clear()
+                    attr.CopyFrom(onnx.helper.make_attribute("value", tensor))
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for graph in attr.graphs:
+                        visit(graph)
+
+    visit(proto.graph)
+    for function in proto.functions:
+        visit_nodes(function.node)
 
 
 def _attach_external_data(model: ir.Model, path: Path) -> None:

@@ -158,3 +158,32 @@ def test_inline_save_over_external_output_removes_the_stale_sidecar(tmp_path: Pa
     save_model(load_model(src), out, force=True)
     assert not (tmp_path / "out.onnx.data").exists()
     assert saved_size(out) == out.stat().st_size
+
+
+def test_sparse_initializers_and_sparse_constants_load_densely(tmp_path: Path, rng) -> None:
+    """onnx_ir drops sparse initializers and cannot read sparse Constants: both are stored densely."""
+    h = onnx.helper
+    values = h.make_tensor("sp", onnx.TensorProto.FLOAT, [2], [1.5, -2.0])
+    sparse_init = h.make_sparse_tensor(values, h.make_tensor("i", onnx.TensorProto.INT64, [2], [0, 5]), [2, 3])
+    coords = h.make_tensor("j", onnx.TensorProto.INT64, [2, 2], [0, 1, 1, 2])
+    sparse_const = h.make_sparse_tensor(h.make_tensor("v", onnx.TensorProto.FLOAT, [2], [3.0, 4.0]), coords, [2, 3])
+    graph = h.make_graph(
+        [
+            h.make_node("Constant", [], ["k"], sparse_value=sparse_const),
+            h.make_node("Add", ["x", "sp"], ["a"]),
+            h.make_node("Add", ["a", "k"], ["y"]),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        sparse_initializer=[sparse_init],
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    src = tmp_path / "sparse.onnx"
+    onnx.save(proto, src)
+    out = save_model(load_model(src), tmp_path / "dense.onnx")
+    feeds = {"x": rng.standard_normal((2, 3)).astype(np.float32)}
+    expected = run_ort(proto, feeds)
+    assert_bit_identical(expected, run_ort(onnx.load(out), feeds))
+    assert expected[0][0, 0] == feeds["x"][0, 0] + 1.5 and expected[0][1, 2] == feeds["x"][1, 2] - 2.0 + 4.0
