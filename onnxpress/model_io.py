@@ -20,6 +20,7 @@ import google.protobuf.message
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import _c_api_utils
 
 from onnxpress.errors import InputError
 from onnxpress.graphs import constant_tensors, initializer_values
@@ -73,9 +74,25 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         # By path, so external data resolves against the model's folder and >2 GB works.
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError) as exc:
+        if "topologically sorted" in str(exc) and _sorts_into_a_valid_model(model):
+            logger.warning("%s: the nodes were not in topological order; sorted them", path)
+            return model
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise InputError(f"{path}: not a valid ONNX model: {first_line}") from exc
     return model
+
+
+def _sorts_into_a_valid_model(model: ir.Model) -> bool:
+    """Sorts every graph and function topologically (onnxruntime runs unsorted graphs, as
+    onnx's checker and the passes do not), then checks the model again, large weights aside."""
+    model.graph.sort()
+    for function in model.functions.values():
+        function.sort()
+    try:
+        _c_api_utils.call_onnx_api(onnx.checker.check_model, model)
+    except (onnx.checker.ValidationError, ValueError):
+        return False
+    return True
 
 
 def _densify_sparse(proto: onnx.ModelProto, path: Path) -> None:

@@ -187,3 +187,37 @@ def test_sparse_initializers_and_sparse_constants_load_densely(tmp_path: Path, r
     expected = run_ort(proto, feeds)
     assert_bit_identical(expected, run_ort(onnx.load(out), feeds))
     assert expected[0][0, 0] == feeds["x"][0, 0] + 1.5 and expected[0][1, 2] == feeds["x"][1, 2] - 2.0 + 4.0
+
+
+def test_nodes_out_of_topological_order_are_sorted(tmp_path: Path, rng) -> None:
+    """onnxruntime runs a graph whose nodes are out of order; loading sorts it instead of refusing it."""
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Relu", ["a"], ["y"]), h.make_node("Neg", ["x"], ["a"])],
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])],
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    src = tmp_path / "unsorted.onnx"
+    onnx.save(proto, src)
+    model = load_model(src)
+    assert [n.op_type for n in model.graph] == ["Neg", "Relu"]
+    out = onnx.load(save_model(model, tmp_path / "sorted.onnx"))
+    onnx.checker.check_model(out)
+    feeds = {"x": rng.standard_normal(3).astype(np.float32)}
+    assert_bit_identical(run_ort(proto, feeds), run_ort(out, feeds))
+
+
+def test_a_graph_that_sorting_cannot_fix_is_still_refused(tmp_path: Path) -> None:
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Relu", ["missing"], ["y"])],
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])],
+    )
+    src = tmp_path / "dangling.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), src)
+    with pytest.raises(InputError, match="not a valid ONNX model"):
+        load_model(src)
