@@ -97,6 +97,27 @@ def constant_value(value: ir.Value | None) -> ir.TensorProtocol | None:
         return None
 
 
+#: ONNX ops that draw random numbers: never folded ahead of time nor merged with one another.
+RANDOM_OPS = frozenset(
+    {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli"}
+)
+
+
+def draws_random(node: ir.Node) -> bool:
+    """Whether the node draws random numbers: a random op, or a Dropout that may train."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in RANDOM_OPS:
+        return True
+    if node.op_type == "Dropout":
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            mode = constant_value(node.inputs[2])
+            return mode is None or bool(mode.numpy().reshape(-1)[0])
+        training = node.attributes.get("training_mode")
+        return training is not None and (training.is_ref() or training.as_int() != 0)
+    return False
+
+
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """The value's shape when every dimension is a known integer, else None."""
     if value is None or value.shape is None:

@@ -20,15 +20,11 @@ from dataclasses import dataclass
 import onnx_ir as ir
 from onnx_ir.passes.common import common_subexpression_elimination as ir_cse
 
-from onnxpress.graphs import constant_value, graph_likes
+from onnxpress.graphs import draws_random, graph_likes
 from onnxpress.passes.base import OnnxpressPass, option
 from onnxpress.passes.registry import register
 
 logger = logging.getLogger(__name__)
-
-_RANDOM = frozenset(
-    {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli"}
-)
 
 
 @dataclass(frozen=True)
@@ -38,19 +34,6 @@ class CseConfig:
     max_constant_elements: int = option(
         16, "Constant nodes with at most this many elements are compared by value."
     )
-
-
-def _draws_random(node: ir.Node) -> bool:
-    if node.domain not in ("", "ai.onnx"):
-        return False
-    if node.op_type in _RANDOM:
-        return True
-    if node.op_type == "Dropout":
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            mode = constant_value(node.inputs[2])
-            return mode is None or bool(mode.numpy().reshape(-1)[0])
-        return "training_mode" in node.attributes and node.attributes["training_mode"].as_int() != 0
-    return False
 
 
 def _attribute_key(attr: ir.Attr, size_limit: int) -> object | None:
@@ -78,7 +61,7 @@ def _attribute_key(attr: ir.Attr, size_limit: int) -> object | None:
 
 
 def _node_key(node: ir.Node, size_limit: int) -> tuple | None:
-    if _draws_random(node):
+    if draws_random(node):
         return None
     attributes = []
     for name, attr in sorted(node.attributes.items()):

@@ -35,15 +35,19 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxpress.graphs import constant_value, describe_node, graph_likes, infer_shapes, static_shape
+from onnxpress.graphs import (
+    constant_value,
+    describe_node,
+    draws_random,
+    graph_likes,
+    infer_shapes,
+    static_shape,
+)
 from onnxpress.passes.base import OnnxpressPass, option
 from onnxpress.passes.registry import register
 
 logger = logging.getLogger(__name__)
 
-_NON_DETERMINISTIC = frozenset(
-    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
-)
 _FEEDABLE = frozenset(
     {
         ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BOOL,
@@ -209,7 +213,7 @@ class FoldConstantsPass(OnnxpressPass):
         cfg = self.config
         if node.domain not in ("", "ai.onnx") or node.op_type in cfg.skip_ops:
             return None
-        if node.op_type in _NON_DETERMINISTIC or node.op_type == "Constant":
+        if draws_random(node) or node.op_type == "Constant":
             return None
         if any(out.is_graph_output() for out in node.outputs):
             return None

@@ -160,6 +160,26 @@ def test_float8_results_are_not_reread_as_uint8(rng) -> None:
     assert_same_outputs(before, after, rng)
 
 
+def test_training_dropout_of_constants_is_not_folded() -> None:
+    """Its mask is drawn afresh on every run; folding would freeze one draw."""
+    before = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[64] x) => (float[64] y)
+    <float[64] c = {1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+                    1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+                    1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,
+                    1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0},
+     float r = {0.5}, bool t = {1}>
+    {
+      d = Dropout(c, r, t)
+      y = Add(x, d)
+    }
+    """)
+    after, records = _fold(before)
+    assert "Dropout" in op_types(after)
+    assert records[0].details["folded"] == {}
+
+
 def test_quantize_nodes_graph_outputs_and_overridable_inputs_are_not_folded(rng) -> None:
     before = parse("""
     <ir_version: 8, opset_import: ["" : 17]>
