@@ -162,6 +162,56 @@ def replace_output(old: ir.Value, new: ir.Value) -> bool:
     return True
 
 
+def _has_map(type_proto: onnx.TypeProto) -> bool:
+    kind = type_proto.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind in ("sequence_type", "optional_type"):
+        return _has_map(getattr(type_proto, kind).elem_type)
+    return False
+
+
+def proto_graphs(proto: onnx.ModelProto) -> list[onnx.GraphProto]:
+    """Every graph of the model: the main graph and the subgraphs in it and in its functions."""
+    found: list[onnx.GraphProto] = []
+
+    def visit_nodes(nodes) -> None:
+        for node in nodes:
+            for attr in node.attribute:
+                for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    found.append(graph)
+                    visit_nodes(graph.node)
+
+    found.append(proto.graph)
+    visit_nodes(proto.graph.node)
+    for function in proto.functions:
+        visit_nodes(function.node)
+    return found
+
+
+def set_aside_map_types(proto: onnx.ModelProto) -> dict[str, bytes]:
+    """Clears map types (sklearn's ZipMap outputs ``seq(map(int64, float))``), which onnx_ir
+    cannot read, and returns those of graph inputs and outputs by name, for
+    ``onnxpress.model_io.save_model`` to put back. Passes keep the names of graph inputs and
+    outputs."""
+    types: dict[str, bytes] = {}
+    for graph in proto_graphs(proto):
+        for info in [*graph.input, *graph.output]:
+            if info.HasField("type") and _has_map(info.type):
+                types[info.name] = info.type.SerializeToString()
+                info.ClearField("type")
+        kept = [info for info in graph.value_info if not _has_map(info.type)]
+        if len(kept) != len(graph.value_info):
+            del graph.value_info[:]
+            graph.value_info.extend(kept)
+    for function in proto.functions:
+        kept = [info for info in function.value_info if not _has_map(info.type)]
+        if len(kept) != len(function.value_info):
+            del function.value_info[:]
+            function.value_info.extend(kept)
+    return types
+
+
 def infer_shapes(model: ir.Model) -> None:
     """Annotates tensor values with onnx's inferred types and shapes, in every graph and subgraph.
 
@@ -175,7 +225,9 @@ def infer_shapes(model: ir.Model) -> None:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
 
     try:
-        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model))
+        inferred_proto = _c_api_utils.call_onnx_api(infer, model)
+        set_aside_map_types(inferred_proto)
+        inferred = ir.serde.deserialize_model(inferred_proto)
     except Exception as exc:  # onnx raises many types on graphs it cannot follow
         logger.warning("shape inference failed, no-op checks use existing shapes only: %s", exc)
         return

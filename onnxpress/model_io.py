@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import _c_api_utils
 
 from onnxpress.errors import InputError
-from onnxpress.graphs import constant_tensors, initializer_values
+from onnxpress.graphs import constant_tensors, initializer_values, proto_graphs, set_aside_map_types
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +64,14 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (it has no graph or no IR version)")
     _densify_sparse(proto, path)
+    map_types = set_aside_map_types(proto)
     try:
         model = ir.from_proto(proto)
     except Exception as exc:  # onnx_ir raises several types on malformed graphs
         raise InputError(f"{path}: cannot read the graph: {exc}") from exc
     del proto
+    if map_types:
+        model.meta[_MAP_TYPES] = map_types
     _attach_external_data(model, path)
     try:
         # By path, so external data resolves against the model's folder and >2 GB works.
@@ -93,6 +96,20 @@ def _sorts_into_a_valid_model(model: ir.Model) -> bool:
     except (onnx.checker.ValidationError, ValueError):
         return False
     return True
+
+
+#: ``model.meta`` key: the map-typed graph inputs and outputs set aside at load, by name.
+_MAP_TYPES = "onnxpress.map_types"
+
+
+def _restore_map_types(path: Path, types: dict[str, bytes]) -> None:
+    """Puts the map types set aside at load back on the saved graph inputs and outputs."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for graph in proto_graphs(proto):
+        for info in [*graph.input, *graph.output]:
+            if info.name in types and not info.type.WhichOneof("value"):
+                info.type.ParseFromString(types[info.name])
+    onnx.save(proto, str(path))
 
 
 def _densify_sparse(proto: onnx.ModelProto, path: Path) -> None:
@@ -236,6 +253,8 @@ def save_model(
             )
         else:
             _save_inlined(model, tmp_model)
+        if model.meta.get(_MAP_TYPES):
+            _restore_map_types(tmp_model, model.meta[_MAP_TYPES])
         if (tmp_dir / data_name).exists():
             os.replace(tmp_dir / data_name, path.parent / data_name)
         os.replace(tmp_model, path)

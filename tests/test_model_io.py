@@ -221,3 +221,37 @@ def test_a_graph_that_sorting_cannot_fix_is_still_refused(tmp_path: Path) -> Non
     onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), src)
     with pytest.raises(InputError, match="not a valid ONNX model"):
         load_model(src)
+
+
+def test_map_typed_outputs_survive_load_passes_and_save(tmp_path: Path, rng) -> None:
+    """onnx_ir cannot read map types (sklearn's ZipMap outputs seq(map(int64, float)))."""
+    from onnxpress.pipeline import Pipeline
+    from onnxpress.recipes import load_preset
+
+    h = onnx.helper
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "ai.onnx.ml" : 1]>
+    g (float[2,3] x) => (int64[2] label)
+    {
+      label, p = ai.onnx.ml.LinearClassifier <classlabels_ints = [0, 1], post_transform = "SOFTMAX",
+          coefficients = [1.0, -1.0, 0.5, -1.0, 1.0, -0.5], intercepts = [0.1, -0.1]> (x)
+      probs = ai.onnx.ml.ZipMap <classlabels_int64s = [0, 1]> (p)
+      dead = ai.onnx.ml.ZipMap <classlabels_int64s = [0, 1]> (p)
+    }
+    """)
+    value = h.make_tensor_type_proto(onnx.TensorProto.FLOAT, None)
+    value.tensor_type.ClearField("shape")
+    seq_of_maps = h.make_sequence_type_proto(h.make_map_type_proto(onnx.TensorProto.INT64, value))
+    proto.graph.output.append(h.make_value_info("probs", seq_of_maps))
+    onnx.checker.check_model(proto)
+    src = tmp_path / "zipmap.onnx"
+    onnx.save(proto, src)
+    model = load_model(src)
+    Pipeline.from_recipe(load_preset("lossless")).run(model)
+    out = onnx.load(save_model(model, tmp_path / "out.onnx"))
+    onnx.checker.check_model(out)
+    assert out.graph.output[1].type == seq_of_maps
+    feeds = {"x": rng.standard_normal((2, 3)).astype(np.float32)}
+    expected, actual = run_ort(proto, feeds), run_ort(out, feeds)
+    assert expected[0].tobytes() == actual[0].tobytes()
+    assert expected[1] == actual[1]  # lists of {label: probability}
