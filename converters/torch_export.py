@@ -36,6 +36,7 @@ from onnxpress.converters.fidelity import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZES,
     DEFAULT_RTOL,
+    FidelityRecord,
     check_fidelity,
 )
 from onnxpress.converters.result import (
@@ -70,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 #: Opset of the TorchScript fallback when none is asked for.
 TORCHSCRIPT_DEFAULT_OPSET = 17
+#: File suffixes of pickled PyTorch objects, which SPEC refuses.
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".bin")
 #: Batch size of the example the exporter traces (2, so a dynamic batch is not specialized to 1).
 EXPORT_BATCH = 2
 
@@ -184,15 +187,44 @@ def from_torch(
             out = module(*call_args, **call_kwargs)
         return _flatten_outputs(out)
 
-    with saved_for_session(onnx_model) as path:
-        session = load_session(path)
-        record = check_fidelity(
-            reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
-            inputs=source, progress=progress,
-        )
-        largest = max(record.batch_sizes, default=0)
-        observed = [list(o.shape) for o in record.outputs if o.batch_size == largest]
-        del session
+    def checked(model: ir.Model) -> tuple[FidelityRecord, list[list[int]]]:
+        with saved_for_session(model) as path:
+            session = load_session(path)
+            record = check_fidelity(
+                reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                inputs=source, progress=progress,
+            )
+            largest = max(record.batch_sizes, default=0)
+            observed = [list(o.shape) for o in record.outputs if o.batch_size == largest]
+            del session
+        return record, observed
+
+    note += _pinned_dims_note(onnx_model, specs)
+    record, observed = checked(onnx_model)
+    if not record.passed and exporter == "auto" and used == "torch.onnx dynamo":
+        # The dynamo export ran but does not match PyTorch (e.g. an RNN lowered with a
+        # pinned size): the TorchScript export may, and a user wants the one that does.
+        why = (record.failures() or ["outputs differ"])[0]
+        logger.warning("The dynamo export fails the fidelity check (%s); trying the TorchScript exporter", why)
+        try:
+            fallback, _, _ = _export(
+                module if program is None else program, args, kwargs, specs, names,
+                output_names, opset, "torchscript", by_name, signature, progress or (lambda _: None),
+            )
+            fallback_note = _pinned_dims_note(fallback, specs)
+            fallback_record, fallback_observed = checked(fallback)
+        except Exception as exc:  # the exporter or onnxruntime raise many types
+            note += f"; the dynamo export fails the fidelity check and the TorchScript fallback failed: {root_cause(exc)}"
+        else:
+            if fallback_record.passed:
+                onnx_model, record, observed = fallback, fallback_record, fallback_observed
+                used = "torch.onnx torchscript"
+                note = (
+                    f"the dynamo export failed the fidelity check ({first_lines(why, 1)}); "
+                    "the TorchScript export passed it" + fallback_note
+                )
+            else:
+                note += "; the dynamo export fails the fidelity check and so does the TorchScript fallback"
     fix_output_shapes(onnx_model, observed)
     result = ConversionResult(
         model=onnx_model,
@@ -207,6 +239,34 @@ def from_torch(
     if check:
         _raise_with_result(result)
     return result
+
+
+def _pinned_dims_note(model: ir.Model, specs: list[InputSpec]) -> str:
+    """Names the dimensions described as dynamic that the export fixed to a number.
+
+    An exporter fixes a dimension when the model's code uses its size as a constant (for
+    instance ``range(x.shape[1])`` or ``int(x.size(1))``); the fidelity check then fails at
+    the other size, and this note says why.
+    """
+    by_name = {v.name: v for v in model.graph.inputs}
+    pinned = []
+    for spec in specs:
+        value = by_name.get(spec.name)
+        if value is None or value.shape is None or len(value.shape) != len(spec.dims):
+            continue
+        for axis, (dim, actual) in enumerate(zip(spec.dims, value.shape, strict=True)):
+            if dim.dynamic and isinstance(actual, int):
+                pinned.append(f"{spec.name}[{axis}] '{dim.name}' = {actual}")
+    if not pinned:
+        return ""
+    logger.warning(
+        "The export fixed dimension(s) described as dynamic: %s (the model's code uses their "
+        "size as a constant)", ", ".join(pinned),
+    )
+    return (
+        f"; the export fixed dimension(s) described as dynamic: {', '.join(pinned)} (the "
+        "model's code uses their size as a constant)"
+    )
 
 
 def _raise_with_result(result: ConversionResult) -> None:
@@ -413,6 +473,12 @@ def _binds_by_name(signature: _Signature, specs: list[InputSpec]) -> bool:
             f"described: {', '.join(names) or 'none'}"
         )
     unknown = [n for n in names if n not in known]
+    if unknown and len(unknown) < len(names) and not signature.var_positional:
+        # Some names are forward's and some are not: a misspelt name, not positional binding.
+        raise InputError(
+            f"input(s) {', '.join(unknown)} are not arguments of the model's forward; it "
+            f"takes: {signature.describe()}; described: {', '.join(names)}"
+        )
     if unknown and not signature.var_positional and len(names) < len(signature.names):
         logger.info(
             "Inputs %s are not forward argument names; binding by position to %s",
@@ -447,7 +513,8 @@ def _to_torch_args(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     import torch
 
-    tensors = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in specs]
+    # np.ascontiguousarray makes a 0-d array 1-d; order='C' keeps a scalar input a scalar.
+    tensors = [torch.from_numpy(np.array(feeds[s.name], order="C", copy=True)) for s in specs]
     if by_name:
         return (), {s.name: t for s, t in zip(specs, tensors, strict=True)}
     return tuple(tensors), {}
@@ -589,6 +656,7 @@ def _convert_opset(model: ir.Model, opset: int) -> str:
             f"the dynamo exporter writes opset {written} and the version converter could not "
             f"bring it to opset {opset}"
         )
+    _drop_reduce_noop_attribute(model, opset)
     # The converter can leave attributes the older opset lacks; onnx's checker finds them.
     from onnxpress.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, constant_bytes
 
@@ -602,6 +670,33 @@ def _convert_opset(model: ir.Model, opset: int) -> str:
                 f"{opset} model is invalid: {first[:300]}"
             ) from exc
     return f"opset {written} converted to {opset} by onnxscript's version converter"
+
+
+#: Reduce ops that gained ``noop_with_empty_axes`` (with ``axes`` as an input) in opset 18.
+_REDUCE_OPS_AXES_INPUT_18 = frozenset({
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+    "ReduceMin", "ReduceProd", "ReduceSumSquare",
+})
+
+
+def _drop_reduce_noop_attribute(model: ir.Model, opset: int) -> None:
+    """Removes ``noop_with_empty_axes=0`` that onnxscript's converter leaves below opset 18.
+
+    The version converter moves a Reduce op's ``axes`` input into the attribute but keeps
+    ``noop_with_empty_axes``, which those ops only have from opset 18, so onnx's checker
+    rejects the model (e.g. every global average pool at ``--opset 17``). At 0 it is the
+    default behaviour, so dropping it changes nothing. A 1 is left for the checker to refuse.
+    """
+    if opset >= 18:
+        return
+    from onnxpress.graphs import graph_likes
+
+    for graph in graph_likes(model):
+        for node in graph:
+            if node.domain in ("", "ai.onnx") and node.op_type in _REDUCE_OPS_AXES_INPUT_18:
+                attr = node.attributes.get("noop_with_empty_axes")
+                if attr is not None and attr.value == 0:
+                    del node.attributes["noop_with_empty_axes"]
 
 
 def _conversion_error(
@@ -765,6 +860,14 @@ def load_torch_spec(spec: str) -> tuple[Any, Any]:
 
     if spec.endswith(".pt2") and ":" not in spec:
         return load_pt2(spec), None
+    if spec.lower().endswith(_PICKLE_SUFFIXES) and ":" not in spec:
+        raise InputError(
+            f"{spec}: PyTorch pickle files ({', '.join(_PICKLE_SUFFIXES)}) are not loaded: "
+            "unpickling can run code, and weights alone hold no model code. Name a "
+            "package.module:callable or path/file.py:callable that builds the module (loading "
+            "its weights with torch.load(..., weights_only=True)), or a torch.export .pt2 archive"
+            + ("" if Path(spec).is_file() else f" (and {spec} does not exist)")
+        )
     factory = load_callable(spec)
     if isinstance(factory, torch.nn.Module):
         return factory, None
@@ -775,8 +878,13 @@ def load_torch_spec(spec: str) -> tuple[Any, Any]:
             made = factory()
         except TypeError as exc:
             raise InputError(f"'{spec}': the class needs arguments ({exc}); name a function that builds it") from exc
+        except Exception as exc:  # the user's constructor can raise anything
+            raise InputError(f"'{spec}': building the module failed: {type(exc).__name__}: {first_lines(str(exc), 3)}") from exc
     else:
-        made = factory()
+        try:
+            made = factory()
+        except Exception as exc:  # the user's factory can raise anything
+            raise InputError(f"'{spec}': calling it failed: {type(exc).__name__}: {first_lines(str(exc), 3)}") from exc
     example = None
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
         made, example = made

@@ -323,3 +323,74 @@ def test_mismatch_raises_validation_error_from_the_api() -> None:
     assert info.value.result.fidelity.passed is False
     result = from_torch(DataDependent().eval(), inputs=["x:Bx4:float32"], data=data, check=False)
     assert not result.fidelity.passed and result.fidelity.failures()
+
+
+class ScaleByScalar(nn.Module):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x * t
+
+
+def test_scalar_input_stays_a_scalar() -> None:
+    result = from_torch(ScaleByScalar(), inputs=["x:Bx3:float32", "t:scalar:float32"])
+    assert result.fidelity.passed
+    t = next(v for v in result.model.graph.inputs if v.name == "t")
+    assert t.shape is not None and len(t.shape) == 0
+
+
+def test_factory_that_raises_and_pickle_files_are_input_errors(tmp_path: Path, capsys) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text("def build():\n    raise RuntimeError('no weights here')\n")
+    out = str(tmp_path / "x.onnx")
+    assert main(["convert", "torch", f"{script}:build", "-o", out, "--input", "x:Bx4:float32"]) == 2
+    err = capsys.readouterr().err
+    assert "RuntimeError: no weights here" in err and "Traceback" not in err
+    weights = tmp_path / "weights.pt"
+    torch.save(nn.Linear(2, 2).state_dict(), weights)
+    assert main(["convert", "torch", str(weights), "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "pickle" in err and ".pt2" in err and "Traceback" not in err
+
+
+def test_misspelt_input_name_lists_forwards_arguments() -> None:
+    with pytest.raises(InputError, match="rihgt are not arguments.*takes: left, right"):
+        from_torch(TwoInTwoOut(), inputs=["left:Bx4:float32", "rihgt:Bx5:float32"])
+
+
+class SeqFirstGRU(nn.Module):
+    """The dynamo exporter's GRU pins a size here; TorchScript's does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+def test_dynamo_export_that_fails_the_check_falls_back_to_torchscript() -> None:
+    result = from_torch(SeqFirstGRU(), inputs=["x:TxBx4:float32"])
+    assert result.fidelity.passed
+    assert result.exporter == "torch.onnx torchscript"
+    assert "dynamo export failed the fidelity check" in result.exporter_note
+
+
+class SizeAsConstant(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for step in range(int(x.shape[1])):
+            out = out + step
+        return out
+
+
+def test_a_dimension_the_export_fixed_is_named() -> None:
+    result = from_torch(SizeAsConstant(), inputs=["x:BxSx4:float32"], exporter="dynamo", check=False)
+    assert not result.fidelity.passed
+    assert "fixed dimension(s) described as dynamic: x[1] 'S' = 16" in result.exporter_note
+
+
+def test_dynamo_export_at_opset_17_keeps_global_pooling() -> None:
+    result = from_torch(SmallCNN(), inputs=["x:Bx3x8x8:float32"], opset=17)
+    assert result.exporter == "torch.onnx dynamo" and result.opset == 17
+    assert result.fidelity.passed
+    for node in result.model.graph:
+        assert "noop_with_empty_axes" not in node.attributes or node.op_type == "ReduceSum"
