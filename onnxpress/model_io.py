@@ -80,6 +80,8 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         if "topologically sorted" in str(exc) and _sorts_into_a_valid_model(model):
             logger.warning("%s: the nodes were not in topological order; sorted them", path)
             return model
+        if "Field 'shape' of 'type' is required" in str(exc) and _valid_with_unknown_ranks(path):
+            return model
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise InputError(f"{path}: not a valid ONNX model: {first_line}") from exc
     return model
@@ -93,6 +95,21 @@ def _sorts_into_a_valid_model(model: ir.Model) -> bool:
         function.sort()
     try:
         _c_api_utils.call_onnx_api(onnx.checker.check_model, model)
+    except (onnx.checker.ValidationError, ValueError):
+        return False
+    return True
+
+
+def _valid_with_unknown_ranks(path: Path) -> bool:
+    """Whether the model passes onnx's checker once graph inputs and outputs of unknown rank
+    (a tensor type without a shape, which the IR allows and onnxruntime runs) are given one."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for graph in proto_graphs(proto):
+        for info in [*graph.input, *graph.output]:
+            if info.type.HasField("tensor_type") and not info.type.tensor_type.HasField("shape"):
+                info.type.tensor_type.shape.SetInParent()
+    try:
+        onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError):
         return False
     return True

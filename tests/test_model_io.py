@@ -255,3 +255,22 @@ def test_map_typed_outputs_survive_load_passes_and_save(tmp_path: Path, rng) -> 
     expected, actual = run_ort(proto, feeds), run_ort(out, feeds)
     assert expected[0].tobytes() == actual[0].tobytes()
     assert expected[1] == actual[1]  # lists of {label: probability}
+
+
+def test_graph_outputs_of_unknown_rank_load(tmp_path: Path, rng) -> None:
+    """onnx's checker wants a shape on every graph input and output; the IR and onnxruntime do not."""
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[2,3] x) => (float[2,3] y, float z)
+    {
+      e = Constant <value = int64[0] {}> ()
+      y = ReduceSum <noop_with_empty_axes = 1> (x, e)
+      z = ReduceSum <keepdims = 0> (x, e)
+    }
+    """)
+    proto.graph.output[1].type.tensor_type.ClearField("shape")
+    src = tmp_path / "unknown_rank.onnx"
+    onnx.save(proto, src)
+    out = onnx.load(save_model(load_model(src), tmp_path / "out.onnx"))
+    feeds = {"x": rng.standard_normal((2, 3)).astype(np.float32)}
+    assert_bit_identical(run_ort(proto, feeds), run_ort(out, feeds))
