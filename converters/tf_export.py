@@ -133,6 +133,13 @@ def from_keras(
                 f"the Keras model expects {len(expected)} input(s) ({_describe_keras(model_inputs)}) "
                 f"but {len(names)} were described: {', '.join(names)}"
             )
+        unknown = [n for n in names if n not in expected]
+        if unknown and len(unknown) < len(names):
+            # Some names are the model's and some are not: a misspelt name, not renaming.
+            raise InputError(
+                f"input(s) {', '.join(unknown)} are not inputs of the Keras model; it expects "
+                f"{_describe_keras(model_inputs)}; described: {', '.join(names)}"
+            )
         if sorted(names) == sorted(expected) and names != expected:
             specs = sorted(specs, key=lambda s: expected.index(s.name))
         for spec, (name, shape, _) in zip(specs, model_inputs, strict=True):
@@ -739,7 +746,12 @@ def _call_factory(factory: Callable[..., Any], source: str) -> Any:
         return factory
     if not callable(factory):
         raise InputError(f"'{source}' is a {type(factory).__name__}, not a callable")
-    made = factory()
+    try:
+        made = factory()
+    except Exception as exc:  # the user's factory can raise anything
+        raise InputError(
+            f"'{source}': calling it failed: {type(exc).__name__}: {first_lines(str(exc), 3)}"
+        ) from exc
     if not isinstance(made, (keras.Model, tf.types.experimental.PolymorphicFunction,
                              tf.types.experimental.ConcreteFunction, tf.Module)):
         raise InputError(

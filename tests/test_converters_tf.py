@@ -191,3 +191,14 @@ def test_hdf5_and_string_inputs_are_refused_clearly(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match="'text' is a string tensor"):
         from_tf(lengths)
+
+
+def test_misspelt_keras_input_name_and_raising_factory_are_input_errors(tmp_path: Path, capsys) -> None:
+    with pytest.raises(InputError, match="rihgt are not inputs of the Keras model; it expects left"):
+        from_keras(_functional(), inputs=["left:Bx6:float32", "rihgt:Bx4:float32"])
+    script = tmp_path / "broken.py"
+    script.write_text("def build():\n    raise ValueError('cannot build')\n")
+    out = str(tmp_path / "x.onnx")
+    assert main(["convert", "tf", f"{script}:build", "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "ValueError: cannot build" in err and "Traceback" not in err
