@@ -110,6 +110,7 @@ def from_keras(
             raise InputError(
                 f"the Keras model {type(model).__name__} does not declare its inputs (a subclassed "
                 "or unbuilt model); describe them with --input NAME:SHAPE:DTYPE"
+                + _built_shapes_hint(model)
             )
         else:
             specs = [
@@ -667,6 +668,27 @@ def _keras_inputs(model: Any) -> list[tuple[str, list[int | None], str]] | None:
             ) from exc
         result.append((name, list(tensor.shape), dtype))
     return result
+
+
+def _built_shapes_hint(model: Any) -> str:
+    """``; it was built with input shape (1, 5): e.g. --input x:Bx5:float32`` when known.
+
+    A subclassed model records the shapes of its first call (``_build_shapes_dict``, a
+    private Keras 3 attribute read defensively). The dtype is not recorded, so the shapes are
+    only a hint, not a description onnxpress would guess on the user's behalf.
+    """
+    shapes = getattr(model, "_build_shapes_dict", None)
+    if not isinstance(shapes, Mapping) or not shapes:
+        return ""
+    hints = []
+    for key, shape in shapes.items():
+        if not isinstance(shape, (tuple, list)) or not all(d is None or isinstance(d, int) for d in shape):
+            return ""
+        name = "x" if key in ("input_shape", "inputs_shape") else key.removesuffix("_shape")
+        dims = ["B", *("?" if d is None else str(d) for d in shape[1:])] if shape else ["scalar"]
+        hints.append(f"--input {name}:{'x'.join(dims)}:float32")
+    built = ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
+    return f"; it was built with {built}: e.g. {' '.join(hints)} (check the dtype)"
 
 
 def _describe_keras(inputs: list[tuple[str, list[int | None], str]]) -> str:

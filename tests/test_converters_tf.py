@@ -202,3 +202,10 @@ def test_misspelt_keras_input_name_and_raising_factory_are_input_errors(tmp_path
     assert main(["convert", "tf", f"{script}:build", "-o", out]) == 2
     err = capsys.readouterr().err
     assert "ValueError: cannot build" in err and "Traceback" not in err
+
+
+def test_built_subclassed_model_error_suggests_its_shape() -> None:
+    model = SubclassedGRU()
+    model(np.zeros((1, 7, 4), np.float32))
+    with pytest.raises(InputError, match=r"built with input_shape \(1, 7, 4\): e.g. --input x:Bx7x4:float32"):
+        from_keras(model)
