@@ -74,7 +74,7 @@ def model_opset(model: ir.Model) -> int:
 
 def describe_value(value: ir.Value) -> str:
     """``name:d0xd1:dtype`` of a graph input or output."""
-    shape = "x".join(str(d) for d in value.shape) if value.shape is not None else "?"
+    shape = ("x".join(str(d) for d in value.shape) or "scalar") if value.shape is not None else "?"
     dtype = value.dtype.name.lower() if value.dtype is not None else "?"
     return f"{value.name}:{shape}:{dtype}"
 

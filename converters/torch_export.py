@@ -220,7 +220,7 @@ def from_torch(
                 onnx_model, record, observed = fallback, fallback_record, fallback_observed
                 used = "torch.onnx torchscript"
                 note = (
-                    f"the dynamo export failed the fidelity check ({first_lines(why, 1)}); "
+                    f"the dynamo export failed the fidelity check ({_shorten(why)}); "
                     "the TorchScript export passed it" + fallback_note
                 )
             else:
@@ -239,6 +239,12 @@ def from_torch(
     if check:
         _raise_with_result(result)
     return result
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    """The first line of ``text``, cut to ``limit`` characters."""
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _pinned_dims_note(model: ir.Model, specs: list[InputSpec]) -> str:

@@ -335,6 +335,7 @@ def test_scalar_input_stays_a_scalar() -> None:
     assert result.fidelity.passed
     t = next(v for v in result.model.graph.inputs if v.name == "t")
     assert t.shape is not None and len(t.shape) == 0
+    assert "t:scalar:float" in result.inputs
 
 
 def test_factory_that_raises_and_pickle_files_are_input_errors(tmp_path: Path, capsys) -> None:
