@@ -41,6 +41,39 @@ def _remove_unused_subgraph_initializers(model: ir.Model) -> None:
                 del graph.initializers[value.name]
 
 
+def _remove_unused_nodes(model: ir.Model) -> None:
+    """onnx_ir's node removal, repeated while removed If/Loop/Scan nodes free more.
+
+    A removed node's subgraphs still read the outer values they used, so those values looked
+    used until the model was saved and loaded again (then a second run removed more). Their
+    reads are dropped and the removal runs again.
+    """
+    while True:
+        holders = [n for g in graph_likes(model) for n in g if _subgraphs(n)]
+        ir_common.RemoveUnusedNodesPass()(model)
+        removed = [n for n in holders if n.graph is None]
+        if not removed:
+            return
+        for node in removed:
+            for subgraph in _subgraphs(node):
+                for inner in ir.traversal.RecursiveGraphIterator(subgraph):
+                    for index, value in enumerate(inner.inputs):
+                        if value is not None:
+                            inner.replace_input_with(index, None)
+
+
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.is_ref():
+            continue
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.as_graphs())
+    return graphs
+
+
 @register
 class PruneDeadPass(OnnxpressPass):
     """Remove unused nodes, initializers, functions and opset imports."""
@@ -54,7 +87,7 @@ class PruneDeadPass(OnnxpressPass):
         functions_before = len(model.functions)
         opsets_before = _count_opsets(model)
 
-        ir_common.RemoveUnusedNodesPass()(model)
+        _remove_unused_nodes(model)
         _remove_unused_subgraph_initializers(model)
         nodes = nodes_before - _count_nodes(model)
         inits = inits_before - _count_initializers(model)

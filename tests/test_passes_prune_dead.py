@@ -91,3 +91,28 @@ def test_second_run_changes_nothing() -> None:
     twice, records = apply_passes(once, "prune-dead")
     assert not records[0].modified
     assert onnx.printer.to_text(once) == onnx.printer.to_text(twice)
+
+
+def test_values_read_only_by_a_removed_if_are_removed_in_the_same_run(rng) -> None:
+    before = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] x, bool c) => (float[2] y)
+    {
+      a = Neg(x)
+      b = Abs(a)
+      dead = If(c) <then_branch = t () => (float[2] ty) {
+            ty = Relu(b)
+         }, else_branch = e () => (float[2] ey) {
+            ey = Identity(a)
+         }>
+      y = Sqrt(x)
+    }
+    """)
+    after, records = apply_passes(before, "prune-dead")
+    assert op_types(after) == ["Sqrt"]
+    assert records[0].details["nodes"] == 5
+    again, records = apply_passes(after, "prune-dead")
+    assert not records[0].modified
+    for c in (True, False):
+        feeds = {"x": rng.random(2).astype(np.float32), "c": np.array(c)}
+        assert_bit_identical(run_ort(before, feeds), run_ort(after, feeds))
