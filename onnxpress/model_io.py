@@ -64,6 +64,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (it has no graph or no IR version)")
     _densify_sparse(proto, path)
+    _spell_default_domain(proto)
     map_types = set_aside_map_types(proto)
     try:
         model = ir.from_proto(proto)
@@ -80,7 +81,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         if "topologically sorted" in str(exc) and _sorts_into_a_valid_model(model):
             logger.warning("%s: the nodes were not in topological order; sorted them", path)
             return model
-        if "Field 'shape' of 'type' is required" in str(exc) and _valid_with_unknown_ranks(path):
+        if _checker_only_complaint(str(exc)) and _valid_once_normalized(path):
             return model
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise InputError(f"{path}: not a valid ONNX model: {first_line}") from exc
@@ -100,10 +101,32 @@ def _sorts_into_a_valid_model(model: ir.Model) -> bool:
     return True
 
 
-def _valid_with_unknown_ranks(path: Path) -> bool:
-    """Whether the model passes onnx's checker once graph inputs and outputs of unknown rank
-    (a tensor type without a shape, which the IR allows and onnxruntime runs) are given one."""
+def _checker_only_complaint(message: str) -> bool:
+    """Complaints of onnx's checker about models that the IR allows and onnxruntime runs."""
+    return "Field 'shape' of 'type' is required" in message or "No Op registered for" in message
+
+
+def _spell_default_domain(proto: onnx.ModelProto) -> None:
+    """Writes the default domain as ``""`` where the model spells it ``ai.onnx``.
+
+    Both name the same operator set (the IR says so, and onnxruntime runs either); onnx's
+    checker and onnx_ir know only ``""``.
+    """
+    for holder in [proto, *proto.functions]:
+        imports = {o.domain: o for o in holder.opset_import}
+        if "ai.onnx" in imports and "" not in imports:
+            imports["ai.onnx"].domain = ""
+    for nodes in [g.node for g in proto_graphs(proto)] + [f.node for f in proto.functions]:
+        for node in nodes:
+            if node.domain == "ai.onnx":
+                node.domain = ""
+
+
+def _valid_once_normalized(path: Path) -> bool:
+    """Whether the model passes onnx's checker once the default domain is spelled ``""`` and
+    graph inputs and outputs of unknown rank (a tensor type without a shape) are given one."""
     proto = onnx.load(str(path), load_external_data=False)
+    _spell_default_domain(proto)
     for graph in proto_graphs(proto):
         for info in [*graph.input, *graph.output]:
             if info.type.HasField("tensor_type") and not info.type.tensor_type.HasField("shape"):

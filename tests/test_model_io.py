@@ -274,3 +274,21 @@ def test_graph_outputs_of_unknown_rank_load(tmp_path: Path, rng) -> None:
     out = onnx.load(save_model(load_model(src), tmp_path / "out.onnx"))
     feeds = {"x": rng.standard_normal((2, 3)).astype(np.float32)}
     assert_bit_identical(run_ort(proto, feeds), run_ort(out, feeds))
+
+
+def test_default_domain_spelled_ai_onnx_loads(tmp_path: Path, rng) -> None:
+    """``ai.onnx`` and ``""`` name the same operator set; onnxruntime runs either."""
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Neg", ["x"], ["a"], domain="ai.onnx"), h.make_node("Identity", ["a"], ["y"], domain="ai.onnx")],
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3])],
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("ai.onnx", 17)])
+    src = tmp_path / "ai_onnx.onnx"
+    onnx.save(proto, src)
+    out = onnx.load(save_model(load_model(src), tmp_path / "out.onnx"))
+    onnx.checker.check_model(out)
+    feeds = {"x": rng.standard_normal(3).astype(np.float32)}
+    assert_bit_identical(run_ort(proto, feeds), run_ort(out, feeds))
