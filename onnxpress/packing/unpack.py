@@ -520,8 +520,8 @@ def packed_session(
     streamed tensor by tensor into an external-data file in a temporary folder, which is
     removed once the session is built.
 
-    In memory, the tensors' sha256 digests are checked on the decoding pool while
-    onnxruntime builds its session (hashing runs at about the speed of decoding, so checking
+    In memory, the tensors' sha256 digests are checked on the decoding pool, on every core
+    but one, while onnxruntime builds its session on about one core (hashing runs at about the speed of decoding, so checking
     first would add its whole time to the start); the session is returned only once every
     digest matches, and a mismatch raises :class:`InputError` naming the tensor. The graph
     itself is checked before onnxruntime sees it, and every size was checked before decoding,
@@ -542,7 +542,10 @@ def packed_session(
             graph = side.submit(packed.graph_proto)
             data = packed.decode_all(threads, as_bytes=False, verify=False)
             proto = graph.result()
-        checks = packed.check_digests(data, stack.enter_context(decoding_pool(threads)), worker_count(threads))
+        # onnxruntime builds a session on about one core: the check takes the others (at least
+        # one); spread over every core it slowed the build by as much as it hashed in parallel
+        check_tasks = max(1, worker_count(threads) - 1)
+        checks = packed.check_digests(data, stack.enter_context(decoding_pool(threads)), check_tasks)
         try:
             session = _session_from_decoded(proto, data, options, providers)
         except Exception:
