@@ -521,8 +521,8 @@ def packed_session(
     removed once the session is built.
 
     In memory, the tensors' sha256 digests are checked on the decoding pool, on every core
-    but one, while onnxruntime builds its session on about one core (hashing runs at about the speed of decoding, so checking
-    first would add its whole time to the start); the session is returned only once every
+    but one, while onnxruntime builds its session on about one core (hashing runs at about
+    the speed of decoding, so checking first would add its whole time to the start); the session is returned only once every
     digest matches, and a mismatch raises :class:`InputError` naming the tensor. The graph
     itself is checked before onnxruntime sees it, and every size was checked before decoding,
     so unchecked tensor bytes can only be wrong values, never a malformed model.
