@@ -341,6 +341,8 @@ def _specs_from_program(program: Any, names: list[str], example_inputs: Any) -> 
         program.example_inputs[0] if program.example_inputs else ()
     )
     specs = []
+    # One name per symbol: a dimension shared by two inputs (one Dim object) stays shared.
+    symbol_names: dict[str, str] = {}
     for index, name in enumerate(names):
         value = placeholders[name].meta.get("val") if name in placeholders else None
         if not isinstance(value, torch.Tensor):
@@ -349,7 +351,13 @@ def _specs_from_program(program: Any, names: list[str], example_inputs: Any) -> 
         for axis, size in enumerate(value.shape):
             if isinstance(size, torch.SymInt):
                 hint = size.node.hint if size.node.has_hint() else None
-                dims.append(Dim(int(hint) if hint else (2 if axis == 0 else 16), "batch" if axis == 0 else f"{name}_dim{axis}"))
+                symbol = str(size.node.expr)
+                if symbol not in symbol_names:
+                    wanted = "batch" if axis == 0 else f"{name}_dim{axis}"
+                    taken = set(symbol_names.values())
+                    symbol_names[symbol] = wanted if wanted not in taken else f"{name}_dim{axis}"
+                dim_name = symbol_names[symbol]
+                dims.append(Dim(int(hint) if hint else (2 if axis == 0 else 16), dim_name))
             else:
                 dims.append(Dim(int(size)))
         low = high = None

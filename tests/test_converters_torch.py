@@ -395,3 +395,24 @@ def test_dynamo_export_at_opset_17_keeps_global_pooling() -> None:
     assert result.fidelity.passed
     for node in result.model.graph:
         assert "noop_with_empty_axes" not in node.attributes or node.op_type == "ReduceSum"
+
+
+class SharedSeq(nn.Module):
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return x.sum(-1) + ids.float()
+
+
+def test_pt2_dimension_shared_by_two_inputs_keeps_one_name(tmp_path: Path) -> None:
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    program = torch.export.export(
+        SharedSeq(), (torch.randn(3, 5, 4), torch.randint(0, 7, (3, 5))),
+        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+    )
+    path = tmp_path / "shared.pt2"
+    torch.export.save(program, str(path))
+    result = from_torch(load_pt2(path))
+    assert result.fidelity.passed
+    x, ids = result.model.graph.inputs
+    # Named after the first input that has it (it was named after the last one).
+    assert str(x.shape[1]) == str(ids.shape[1]) == "x_dim1"
+    assert str(x.shape[0]) == str(ids.shape[0]) == "batch"
