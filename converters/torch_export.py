@@ -944,11 +944,16 @@ def load_pt2(path: str | Path) -> Any:
     """Loads a ``torch.export.save`` archive with weights-only unpickling."""
     import torch
 
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a torch.export archive (a .pt2 file is a zip archive)")
     try:
-        with _weights_only_loading():
+        # torch logs its own traceback before falling back; the error below says it once.
+        with _weights_only_loading(), quiet_framework_logs():
             return torch.export.load(str(path))
     except pickle.UnpicklingError as exc:
         raise InputError(f"{path}: refused to load: {first_lines(str(exc), 3)}") from exc

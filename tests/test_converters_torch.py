@@ -312,7 +312,7 @@ def test_pt2_round_trip_and_pickles_refused(tmp_path: Path) -> None:
         torch.load(evil, weights_only=False)  # forced to weights_only
     not_pt2 = tmp_path / "junk.pt2"
     not_pt2.write_bytes(b"not a zip")
-    with pytest.raises(InputError, match="junk.pt2"):
+    with pytest.raises(InputError, match="junk.pt2: not a torch.export archive"):
         load_pt2(not_pt2)
 
 
