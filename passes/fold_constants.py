@@ -113,11 +113,9 @@ def _predicted_output_bytes(node: ir.Node, inputs: list[np.ndarray | None]) -> i
 
 
 def _same_dtype(array: np.ndarray, value: ir.Value) -> bool:
-    """Whether onnxruntime's result has the element type the graph declares for the value."""
-    if value.dtype is None or value.dtype not in _FEEDABLE | {ir.DataType.STRING}:
-        return False
+    """Whether the result has the element type the graph gives the value (when it gives one)."""
     try:
-        return ir.DataType.from_numpy(array.dtype) == value.dtype
+        return value.dtype is None or ir.DataType.from_numpy(array.dtype) == value.dtype
     except TypeError:
         return False
 
@@ -172,8 +170,21 @@ def _evaluate(node: ir.Node, model: ir.Model, arrays: list[np.ndarray | None]) -
     session = ort.InferenceSession(
         proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    produced = iter(session.run(None, feeds))
+    results = session.run(None, feeds)
+    for meta, array in zip(session.get_outputs(), results, strict=True):
+        if isinstance(array, np.ndarray) and meta.type != _ort_type(array):
+            raise TypeError(f"onnxruntime returned {meta.type} as a {array.dtype} array")
+    produced = iter(results)
     return [next(produced) if out.name else None for out in node.outputs]
+
+
+def _ort_type(array: np.ndarray) -> str:
+    """onnxruntime's name for an array's type, e.g. ``tensor(float)``."""
+    try:
+        elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return f"tensor({onnx.TensorProto.DataType.Name(elem).lower()})"
 
 
 @register
@@ -250,7 +261,7 @@ class FoldConstantsPass(OnnxpressPass):
         if not all(isinstance(r, np.ndarray) for r, _ in produced):
             return None
         if not all(_same_dtype(r, out) for r, out in produced):
-            return None  # e.g. float8 comes back from onnxruntime as uint8: the bits would be re-read
+            return None
         if sum(r.nbytes for r, _ in produced) - freed > cfg.size_budget_bytes:
             kept_for_size.append(describe_node(node))
             return None

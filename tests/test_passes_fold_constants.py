@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import pytest
 
 from conftest import apply_passes, assert_bit_identical, assert_same_outputs, op_types, parse, run_ort
+from onnxpress.passes.fold_constants import _evaluate
 from onnxpress.pipeline import Pipeline
 from onnxpress.recipes import Recipe, RecipeStep
 
@@ -158,6 +161,11 @@ def test_float8_results_are_not_reread_as_uint8(rng) -> None:
     assert records[0].details["folded"] == {}
     assert all(i.data_type != onnx.TensorProto.UINT8 for i in after.graph.initializer)
     assert_same_outputs(before, after, rng)
+    # Also when the graph gives no type to check against: the evaluation itself refuses.
+    model = ir.from_proto(before)
+    cast = next(n for n in model.graph if n.op_type == "Cast")
+    with pytest.raises(TypeError, match="float8"):
+        _evaluate(cast, model, [np.array([1.0, 2.0, 3.0], np.float32)])
 
 
 def test_training_dropout_of_constants_is_not_folded() -> None:
