@@ -129,6 +129,85 @@ def gemm_to_matmul(model: ir.Model, node_filter: NodeFilter) -> int:
     return count
 
 
+#: Weight types MatMulNBits and GatherBlockQuantized take on onnxruntime's CPU provider.
+_NBITS_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+
+def guard_for_ort(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool:
+    """Prepares ``model`` for onnxruntime's ``MatMulNBitsQuantizer``, which trusts every initializer.
+
+    Left to itself the quantizer (a) quantizes a weight that is also a graph input (an
+    overridable default) and deletes that input from the model's interface; (b) quantizes
+    float64 (and other) weights into a ``MatMulNBits`` that no runtime loads; (c) names its
+    4-bit tensors after the weight, so a table read by both a ``Gather`` and a ``MatMul`` (tied
+    embeddings) gets two different ``<name>_Q4``/``<name>_scales`` with one name, and the model
+    no longer loads. Here (a) and (b) are named (unnamed nodes get a name) and returned, for
+    ``nodes_to_exclude``; for (c) each such ``Gather`` reads its own initializer, which holds the
+    same tensor.
+
+    Args:
+        model: Changed in place unless ``dry_run``.
+        dry_run: Only answer whether anything would change.
+
+    Returns:
+        The names of the nodes the quantizer must leave alone; with ``dry_run``, whether the
+        model needs any change.
+    """
+    from onnxpress.graphs import graph_likes
+
+    keep: list[str] = []
+    names = {n.name for g in graph_likes(model) for n in g if n.name}
+    changed = False
+    for graph in graph_likes(model):
+        if not isinstance(graph, ir.Graph):
+            continue  # onnxruntime's quantizer does not look into functions
+        readers: dict[int, set[str]] = {}
+        for node in graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gather"):
+                continue
+            index = 1 if node.op_type == "MatMul" else 0
+            weight = node.inputs[index] if len(node.inputs) > index else None
+            if weight is None or not weight.is_initializer():
+                continue
+            if weight.is_graph_input() or weight.dtype not in _NBITS_TYPES:
+                if dry_run:
+                    return True
+                if not node.name:
+                    node.name = _unique_name(f"{node.op_type}_kept_by_onnxpress", names)
+                keep.append(node.name)
+                continue
+            readers.setdefault(id(weight), set()).add(node.op_type)
+        for node in list(graph):
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+                continue
+            weight = node.inputs[0]
+            if weight is None or readers.get(id(weight)) != {"Gather", "MatMul"} or node.name in keep:
+                continue
+            if dry_run:
+                return True
+            owner = weight.graph if isinstance(weight.graph, ir.Graph) else graph
+            initializer_names = set(owner.initializers)
+            name = _unique_name(f"{weight.name}_gather", names | initializer_names)
+            # A new tensor object: registering the shared one would rename it (and the caller's
+            # proto behind it).
+            table = ir.Value(name=name, shape=weight.shape, type=weight.type,
+                             const_value=ir.Tensor(weight.const_value.numpy(), name=name))
+            owner.register_initializer(table)
+            node.replace_input_with(0, table)
+            changed = True
+    if dry_run:
+        return changed
+    return keep
+
+
+def _unique_name(base: str, used: set[str]) -> str:
+    name, i = base, 1
+    while name in used:
+        name, i = f"{base}_{i}", i + 1
+    used.add(name)
+    return name
+
+
 def quantize_int4(model: ir.Model, config: QuantizeInt4WeightsConfig, node_filter: NodeFilter) -> ir.Model:
     """A copy of ``model`` with 4-bit weights (excluded MatMuls in 8 bits or float)."""
     import onnx
@@ -138,9 +217,12 @@ def quantize_int4(model: ir.Model, config: QuantizeInt4WeightsConfig, node_filte
         MatMulNBitsQuantizer,
     )
 
-    if any(n.op_type == "Gemm" for n in model.graph):
+    has_gemm = any(n.op_type == "Gemm" for n in model.graph)
+    if has_gemm or guard_for_ort(model, dry_run=True):
         model = model.clone()
-        gemm_to_matmul(model, node_filter)
+        if has_gemm:
+            gemm_to_matmul(model, node_filter)
+    unsupported = guard_for_ort(model)
     excluded = node_filter.excluded_names(model)
     excluded_matmuls = [n.name for n in model.graph if n.name in set(excluded) and n.op_type == "MatMul"]
     accuracy = config.accuracy_level or None
@@ -158,14 +240,14 @@ def quantize_int4(model: ir.Model, config: QuantizeInt4WeightsConfig, node_filte
                     block_size=config.block_size, is_symmetric=config.symmetric,
                     accuracy_level=accuracy, op_types_to_quantize=("MatMul",), bits=4,
                 )
-            proto = _apply(MatMulNBitsQuantizer(proto, algo_config=algo, nodes_to_exclude=excluded))
+            proto = _apply(MatMulNBitsQuantizer(proto, algo_config=algo, nodes_to_exclude=excluded + unsupported))
             if config.embeddings:
                 gather = DefaultWeightOnlyQuantConfig(
                     block_size=config.block_size, is_symmetric=config.symmetric,
                     op_types_to_quantize=("Gather",), bits=4,
                 )
                 opsets = {o.domain: o.version for o in proto.opset_import}
-                proto = _apply(MatMulNBitsQuantizer(proto, algo_config=gather, nodes_to_exclude=excluded))
+                proto = _apply(MatMulNBitsQuantizer(proto, algo_config=gather, nodes_to_exclude=excluded + unsupported))
                 # onnxruntime's quantizer raises the default opset to 21 for the 4-bit tables
                 # without converting a single op (a ReduceMean's 'axes' attribute is invalid from
                 # opset 18 on). The tables are com.microsoft ops whose uint4 initializers need
@@ -178,7 +260,10 @@ def quantize_int4(model: ir.Model, config: QuantizeInt4WeightsConfig, node_filte
                     block_size=config.block_size, is_symmetric=config.symmetric,
                     accuracy_level=accuracy, op_types_to_quantize=("MatMul",), bits=8,
                 )
-                proto = _apply(MatMulNBitsQuantizer(proto, algo_config=eight, nodes_to_include=excluded_matmuls))
+                # nodes_to_include adds to op_types_to_quantize (every MatMul left), so the
+                # weights onnxruntime must not touch are excluded here too.
+                proto = _apply(MatMulNBitsQuantizer(proto, algo_config=eight, nodes_to_include=excluded_matmuls,
+                                                    nodes_to_exclude=unsupported))
         finally:
             quantizer_logger.setLevel(level)
         out = Path(folder) / "quantized.onnx"

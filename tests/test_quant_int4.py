@@ -90,3 +90,51 @@ def test_gemm_weights_become_4bit(rng):
     x = rng.standard_normal((4, 64)).astype(np.float32)
     (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
     assert rel_error(ref, got) < 0.3  # the mean of 32 outputs is small next to their 4-bit noise
+
+
+def test_tied_table_read_by_gather_and_matmul_loads(rng):
+    """onnxruntime names both 4-bit forms of a tied table ``T_Q4``; the model failed to load."""
+    from quant_models import with_weights
+
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (int64[N, 4] ids) => (float[N, 4, 64] y) {
+        e = Gather <axis = 0> (T, ids)
+        y = MatMul (e, T)
+    }
+    """
+    proto = with_weights(text, {"T": rng.standard_normal((64, 64)).astype(np.float32)})
+    model, step = _quantize(proto)
+    assert step.details["matmul_nbits"] == 1 and step.details["gather_block_quantized"] == 1
+    ids = rng.integers(0, 64, size=(3, 4)).astype(np.int64)
+    (ref,), (got,) = run_ort(proto, {"ids": ids}), run_ort(model, {"ids": ids})
+    assert rel_error(ref, got) < 0.2  # two 4-bit reads of one table
+
+
+def test_overridable_and_float64_weights_left_alone(rng):
+    """A weight that is also a graph input stays an input (onnxruntime's quantizer deleted the
+    input and baked the default in); a float64 weight stays float64 (MatMulNBits takes no
+    double, so the model did not load). Only the plain float32 MatMul becomes 4-bit."""
+    from quant_models import with_weights
+
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (float[N, 64] x, float[64, 64] D, double[N, 64] x64) => (float[N, 64] y, double[N, 64] y64) {
+        h = MatMul (x, W)
+        y = MatMul (h, D)
+        y64 = MatMul (x64, W64)
+    }
+    """
+    proto = with_weights(text, {
+        "W": rng.standard_normal((64, 64)).astype(np.float32) * 0.1,
+        "D": rng.standard_normal((64, 64)).astype(np.float32) * 0.1,
+        "W64": rng.standard_normal((64, 64)),
+    })
+    model, step = _quantize(proto)
+    assert step.details["matmul_nbits"] == 1
+    assert [v.name for v in model.graph.inputs] == ["x", "D", "x64"]
+    feeds = {"x": rng.standard_normal((3, 64)).astype(np.float32), "x64": rng.standard_normal((3, 64)),
+             "D": rng.standard_normal((64, 64)).astype(np.float32)}  # the caller overrides D
+    ref, got = run_ort(proto, feeds), run_ort(model, feeds)
+    assert rel_error(ref[0], got[0]) < 0.15
+    np.testing.assert_array_equal(ref[1], got[1])
