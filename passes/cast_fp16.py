@@ -16,6 +16,10 @@ What this pass adds:
   converting, the pass opens the model in onnxruntime; each op type it cannot place goes on
   the float32 list and the model is converted again, until it loads (at most ``max_retries``
   rounds). The op types added this way are in the pass details.
+* Control flow. The converter puts every ``Cast`` it adds around a float32 op into the main
+  graph, also for an op inside an ``If``/``Loop``/``Scan`` body, where the Cast's input does not
+  exist (the model does not load). :func:`move_casts_into_subgraphs` moves each such Cast into
+  the body that defines its input, right after the input's producer.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from onnxpress.passes.base import OnnxpressPass, option
@@ -75,6 +80,60 @@ def _loads(path: Path) -> str | None:
     return None
 
 
+def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """Every graph nested in ``graph``'s node attributes, at any depth."""
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found.append(sub)
+                found.extend(_subgraphs(sub))
+    return found
+
+
+def move_casts_into_subgraphs(model: onnx.ModelProto) -> int:
+    """Moves each main-graph ``Cast`` whose input is defined only inside a subgraph into it.
+
+    The Cast goes right after the node that produces its input (first, when the input is the
+    subgraph's input or initializer), so the subgraph stays in topological order; Casts of
+    Casts are moved in turn. Returns how many were moved.
+    """
+    main = model.graph
+    subgraphs = _subgraphs(main)
+    if not subgraphs:
+        return 0
+    moved = 0
+    while True:
+        defined = {v.name for v in main.input} | {t.name for t in main.initializer}
+        defined |= {o for n in main.node for o in n.output}
+        owner: dict[str, onnx.GraphProto] = {}
+        for sub in subgraphs:
+            for name in [v.name for v in sub.input] + [t.name for t in sub.initializer] + [
+                o for n in sub.node for o in n.output
+            ]:
+                owner.setdefault(name, sub)
+        stray = [
+            i for i, n in enumerate(main.node)
+            if n.op_type == "Cast" and n.domain in ("", "ai.onnx") and len(n.input) == 1
+            and n.input[0] not in defined and n.input[0] in owner
+        ]
+        if not stray:
+            return moved
+        index = stray[0]
+        cast = onnx.NodeProto()
+        cast.CopyFrom(main.node[index])
+        del main.node[index]
+        target = owner[cast.input[0]]
+        position = next((k + 1 for k, n in enumerate(target.node) if cast.input[0] in n.output), 0)
+        target.node.insert(position, cast)
+        for k, info in enumerate(main.value_info):
+            if info.name in cast.output:
+                target.value_info.append(info)
+                del main.value_info[k]
+                break
+        moved += 1
+
+
 @register
 class CastFp16Pass(OnnxpressPass):
     """Float16 weights and arithmetic; sensitive ops stay float32; the result loads in onnxruntime."""
@@ -102,6 +161,9 @@ class CastFp16Pass(OnnxpressPass):
                         proto, keep_io_types=config.keep_io_types, op_block_list=block_ops,
                         node_block_list=blocked_nodes, disable_shape_infer=False,
                     )
+                moved = move_casts_into_subgraphs(converted)
+                if moved:
+                    logger.debug("cast-fp16: moved %d Casts into the subgraphs that define their inputs", moved)
                 onnx.save(converted, str(out), save_as_external_data=converted.ByteSize() > (1 << 30))
                 if not config.check_loads:
                     break
