@@ -89,6 +89,8 @@ def gemm_to_matmul(model: ir.Model, node_filter: NodeFilter) -> int:
 
     count = 0
     graph = model.graph
+    made: dict[tuple[int, bool, float], ir.Value] = {}  # one MatMul weight per (weight, transB, alpha)
+    node_names = {n.name for n in graph if n.name}
     for node in list(graph):
         if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or node_filter.excludes(node):
             continue
@@ -96,20 +98,31 @@ def gemm_to_matmul(model: ir.Model, node_filter: NodeFilter) -> int:
         w = float_weight(node.inputs[1]) if len(node.inputs) > 1 else None
         if attrs.get("transA", 0) or w is None or w.ndim != 2:
             continue
-        if attrs.get("transB", 0):
+        trans_b = bool(attrs.get("transB", 0))
+        if trans_b:
             w = np.ascontiguousarray(w.T)
         alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-        base = node.name or "Gemm"
-        weight = ir.Value(name=f"{node.inputs[1].name}_matmul", const_value=ir.tensor(w * np.float32(alpha)),
-                          shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT))
-        graph.register_initializer(weight)
+        base = node.name or _unique_name("Gemm", node_names)  # onnxruntime refuses two nodes of one name
+        key = (id(node.inputs[1]), trans_b, alpha)
+        weight = made.get(key)
+        if weight is None:  # a weight shared by several Gemms (tied layers) is converted once
+            name, i = f"{node.inputs[1].name}_matmul", 1
+            while name in graph.initializers:
+                name, i = f"{node.inputs[1].name}_matmul_{i}", i + 1
+            weight = ir.Value(name=name, const_value=ir.tensor(w * np.float32(alpha)),
+                              shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT))
+            graph.register_initializer(weight)
+            made[key] = weight
         matmul = ir.node("MatMul", [node.inputs[0], weight], name=base)
         new_nodes = [matmul]
         result = matmul.outputs[0]
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None:
             if beta != 1.0:
-                scale = ir.Value(name=f"{base}_beta", const_value=ir.tensor(np.array(beta, np.float32)),
+                beta_name, i = f"{base}_beta", 1
+                while beta_name in graph.initializers:
+                    beta_name, i = f"{base}_beta_{i}", i + 1
+                scale = ir.Value(name=beta_name, const_value=ir.tensor(np.array(beta, np.float32)),
                                  shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
                 graph.register_initializer(scale)
                 bias_node = ir.node("Mul", [bias, scale], name=f"{base}/beta")

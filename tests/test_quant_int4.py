@@ -138,3 +138,26 @@ def test_overridable_and_float64_weights_left_alone(rng):
     ref, got = run_ort(proto, feeds), run_ort(model, feeds)
     assert rel_error(ref[0], got[0]) < 0.15
     np.testing.assert_array_equal(ref[1], got[1])
+
+
+def test_weight_shared_by_two_gemms(rng):
+    """Both Gemms' MatMul weights were named W_matmul (and unnamed ones' betas Gemm_beta):
+    onnx_ir refused the second ('already registered')."""
+    from quant_models import with_weights
+
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (float[N, 64] x) => (float[N, 64] y) {
+        h = Gemm <transB = 1, beta = 2.0> (x, W, C)
+        y = Gemm <transB = 1, beta = 0.5> (h, W, C)
+    }
+    """
+    proto = with_weights(text, {
+        "W": rng.standard_normal((64, 64)).astype(np.float32) * 0.1,
+        "C": rng.standard_normal(64).astype(np.float32),
+    })
+    model, step = _quantize(proto)
+    assert step.details["matmul_nbits"] == 2
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref, got) < 0.15
