@@ -564,7 +564,7 @@ def _flatten_outputs(out: Any) -> list[np.ndarray]:
 
 
 def _output_names(out: Any) -> list[str]:
-    """Names for the flattened outputs: dict keys (``a_b`` when nested), else ``output_N``.
+    """Names for the flattened outputs: dict keys or namedtuple fields (``a_b`` when nested), else ``output_N``.
 
     A single tensor is ``output``; a dict or ``ModelOutput`` gives its keys, so a Hugging
     Face model's output is ``last_hidden_state`` rather than ``output_0``.
@@ -579,7 +579,9 @@ def _output_names(out: Any) -> list[str]:
         return []
     names: list[str] = []
     for path, _ in leaves:
-        keys = [str(k.key) for k in path if hasattr(k, "key")]
+        # MappingKey (dict) has .key; GetAttrKey (a namedtuple field, a dataclass) has .name.
+        keys = [str(k.key) if hasattr(k, "key") else str(k.name) for k in path
+                if hasattr(k, "key") or hasattr(k, "name")]
         names.append("_".join(keys))
     if all(names) and len(set(names)) == len(names) and all(
         isinstance(leaf, torch.Tensor) for _, leaf in leaves

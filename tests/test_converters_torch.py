@@ -416,3 +416,16 @@ def test_pt2_dimension_shared_by_two_inputs_keeps_one_name(tmp_path: Path) -> No
     # Named after the first input that has it (it was named after the last one).
     assert str(x.shape[1]) == str(ids.shape[1]) == "x_dim1"
     assert str(x.shape[0]) == str(ids.shape[0]) == "batch"
+
+
+class NamedTupleOut(nn.Module):
+    Out = __import__("collections").namedtuple("Out", ["scores", "best"])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.Out(x.softmax(-1), x.amax(-1))
+
+
+def test_namedtuple_fields_name_the_outputs() -> None:
+    result = from_torch(NamedTupleOut(), inputs=["x:Bx3:float32"])
+    assert result.fidelity.passed
+    assert [v.name for v in result.model.graph.outputs] == ["scores", "best"]
