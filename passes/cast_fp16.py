@@ -15,7 +15,9 @@ What this pass adds:
   kernel for, so the model fails to load ("Could not find an implementation for ..."). After
   converting, the pass opens the model in onnxruntime; each op type it cannot place goes on
   the float32 list and the model is converted again, until it loads (at most ``max_retries``
-  rounds). The op types added this way are in the pass details.
+  rounds). The op types added this way are in the pass details. onnxruntime is opened in a
+  child process, because on some float16 graphs it crashes instead of raising; after a crash
+  the op types are tried in float32 one at a time (most frequent first) until one lets it load.
 * Control flow. The converter puts every ``Cast`` it adds around a float32 op into the main
   graph, also for an op inside an ``If``/``Loop``/``Scan`` body, where the Cast's input does not
   exist (the model does not load). :func:`move_casts_into_subgraphs` moves each such Cast into
@@ -29,6 +31,8 @@ import io
 import logging
 import re
 import tempfile
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,17 +71,39 @@ class CastFp16Config:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
 
 
-def _loads(path: Path) -> str | None:
-    """None when onnxruntime can open the model, else its error message."""
-    import onnxruntime as ort
+#: What :func:`_loads` returns when onnxruntime kills the process instead of raising.
+CRASHED = "onnxruntime crashed"
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
+_LOAD_SCRIPT = (
+    "import sys, onnxruntime as ort\n"
+    "o = ort.SessionOptions(); o.log_severity_level = 4\n"
+    "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
+)
+
+
+def _loads(path: Path) -> str | None:
+    """None when onnxruntime can open the model, else its error message.
+
+    The model is opened in a child process with onnxruntime's default (full) optimization:
+    onnxruntime 1.32 crashes with a segmentation fault on some float16 graphs (a torch
+    TensorEncoder whose attention begins with Transpose), which would otherwise end the
+    caller's process without a word. A crash returns a message starting with :data:`CRASHED`.
+    """
+    import subprocess
+    import sys
+
     try:
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        return str(exc)
-    return None
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD_SCRIPT, str(path)], capture_output=True, text=True, timeout=600
+        )
+    except subprocess.TimeoutExpired:
+        return "onnxruntime did not finish loading the float16 model in 600 s"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        return f"{CRASHED} (signal {-proc.returncode}) loading the float16 model"
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return lines[-1].split(": ", 1)[-1] if lines else f"exit status {proc.returncode}"
 
 
 def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
@@ -154,22 +180,34 @@ class CastFp16Pass(OnnxpressPass):
         with tempfile.TemporaryDirectory(prefix="onnxpress-fp16-") as folder:
             source = to_proto_file(model, folder)
             out = Path(folder) / "fp16.onnx"
-            for attempt in range(config.max_retries + 1):
+
+            def convert(ops: list[str]) -> onnx.ModelProto:
                 proto = onnx.load(str(source))
                 with contextlib.redirect_stdout(io.StringIO()), _quiet("onnxruntime.transformers.float16"):
                     converted = convert_float_to_float16(
-                        proto, keep_io_types=config.keep_io_types, op_block_list=block_ops,
+                        proto, keep_io_types=config.keep_io_types, op_block_list=ops,
                         node_block_list=blocked_nodes, disable_shape_infer=False,
                     )
                 moved = move_casts_into_subgraphs(converted)
                 if moved:
                     logger.debug("cast-fp16: moved %d Casts into the subgraphs that define their inputs", moved)
                 onnx.save(converted, str(out), save_as_external_data=converted.ByteSize() > (1 << 30))
+                return converted
+
+            for attempt in range(config.max_retries + 1):
+                converted = convert(block_ops)
                 if not config.check_loads:
                     break
                 error = _loads(out)
                 if error is None:
                     break
+                if error.startswith(CRASHED) and attempt < config.max_retries:
+                    op = _op_that_stops_the_crash(converted, block_ops, convert, out)
+                    if op is not None:
+                        logger.info("cast-fp16: onnxruntime crashes on float16 %s here; keeping it in float32", op)
+                        block_ops.append(op)
+                        added.append(op)
+                        continue
                 missing = _MISSING_KERNEL.search(error)
                 if missing is None or missing.group(1) in block_ops or attempt == config.max_retries:
                     raise ValueError(f"the float16 model does not load in onnxruntime: {error.strip().splitlines()[0]}")
@@ -185,6 +223,25 @@ class CastFp16Pass(OnnxpressPass):
         logger.info("cast-fp16: %d float16 initializers, %d casts, %d op types kept float32 for onnxruntime",
                     fp16, casts, len(added))
         return ir.passes.PassResult(model, modified=fp16 > 0 or casts > 0)
+
+
+def _op_that_stops_the_crash(
+    converted: onnx.ModelProto, block_ops: list[str], convert: Callable[[list[str]], object], out: Path
+) -> str | None:
+    """The first op type (most frequent first) whose float32 compute lets onnxruntime load the model.
+
+    ``convert(ops)`` writes the conversion with ``ops`` kept float32 to ``out``. None when no
+    single op type helps.
+    """
+    skip = set(block_ops) | {"Cast", "Constant", "Identity"}
+    counts = Counter(n.op_type for n in converted.graph.node if n.domain in ("", "ai.onnx"))
+    for op, _ in counts.most_common():
+        if op in skip:
+            continue
+        convert([*block_ops, op])
+        if _loads(out) is None:
+            return op
+    return None
 
 
 @contextlib.contextmanager

@@ -113,3 +113,46 @@ def test_sensitive_op_inside_a_loop_body_loads(rng):
     x = rng.standard_normal((3, 16)).astype(np.float32)
     (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
     assert rel_error(ref, got) < 1e-2  # float16 MatMul, float32 Softmax
+
+
+def test_an_onnxruntime_crash_keeps_the_op_that_triggers_it_fp32(rng, monkeypatch):
+    """onnxruntime 1.32 segfaults loading some float16 graphs (torch's TransformerEncoder, on
+    its Transposes): the check runs in a child process, and op types are kept float32 one at
+    a time until the model loads. Here the crash is simulated for float16 Transposes."""
+    import onnx
+
+    import onnxpress.passes.cast_fp16 as cast_fp16
+
+    real = cast_fp16._loads
+
+    def loads(path):
+        proto = onnx.load(str(path))
+        casts_to_fp32 = {o for n in proto.graph.node if n.op_type == "Cast" and n.attribute[0].i == 1 for o in n.output}
+        if any(n.op_type == "Transpose" and n.input[0] not in casts_to_fp32 for n in proto.graph.node):
+            return f"{cast_fp16.CRASHED} (signal 11) loading the float16 model"
+        return real(path)
+
+    monkeypatch.setattr(cast_fp16, "_loads", loads)
+    proto = with_weights("""
+    <ir_version: 8, opset_import: ["": 17]>
+    t (float[N, 16] x) => (float[16, N] y) {
+        h = MatMul (x, W)
+        r = Relu (h)
+        t = Transpose <perm = [1, 0]> (r)
+        y = Add (t, t)
+    }
+    """, {"W": rng.standard_normal((16, 16)).astype(np.float32)})
+    model = to_ir(proto)
+    step = CastFp16Pass()
+    step(model)
+    assert step.details["kept_fp32_for_onnxruntime"] == ["Transpose"]
+    assert model.graph.initializers["W"].dtype == ir.DataType.FLOAT16
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref, got) < 1e-2
+
+    monkeypatch.setattr(cast_fp16, "_loads", lambda path: f"{cast_fp16.CRASHED} (signal 11) loading the float16 model")
+    import pytest
+
+    with pytest.raises(ValueError, match="does not load in onnxruntime: onnxruntime crashed"):
+        CastFp16Pass()(to_ir(proto))
