@@ -37,7 +37,8 @@ Embedding tables (``Gather`` on a constant ``[V, D]`` table, axis 0) are stored 
 one scale per row, decoded after the lookup (``Gather`` of the int8 rows and of their scales,
 ``Cast``, ``Mul``), so only the looked-up rows are ever dequantized. ``Conv`` weights are stored
 as int8 per output channel, read back by ``Cast`` and ``Mul`` (the convolution stays in float: int8
-convolution with per-row scales has no standard op).
+convolution with per-row scales has no standard op); so are the ``W`` and ``R`` weights of
+``LSTM``/``GRU``/``RNN``, one scale per gate row (a recurrent model otherwise did not shrink at all).
 
 Excluded nodes (by name, glob or op type, or chosen by ``auto_exclude``) compute in float; with
 ``excluded_weights: int8`` their weights are still *stored* in 8 bits (per-channel
@@ -82,7 +83,8 @@ class QuantizeInt8DynamicConfig:
     """Options of quantize-int8-dynamic."""
 
     op_types: tuple[str, ...] = option(
-        ("MatMul", "Gemm", "Gather", "Conv"), "op types to quantize (MatMul, Gemm, Gather, Conv)"
+        ("MatMul", "Gemm", "Gather", "Conv", "LSTM", "GRU", "RNN"),
+        "op types to quantize (MatMul, Gemm, Gather, Conv, and the recurrent LSTM, GRU, RNN)",
     )
     activations: Literal["row", "tensor"] = option(
         "tensor", "activation scales computed at run time: one per tensor (fast) or one per row (token)"
@@ -105,9 +107,11 @@ class QuantizeInt8DynamicConfig:
     calibration_batches: int = option(4, "auto_exclude measures on this many calibration batches")
 
     def __post_init__(self) -> None:
-        unknown = set(self.op_types) - {"MatMul", "Gemm", "Gather", "Conv"}
+        unknown = set(self.op_types) - {"MatMul", "Gemm", "Gather", "Conv", "LSTM", "GRU", "RNN"}
         if unknown:
-            raise ValueError(f"op_types: cannot quantize {sorted(unknown)}; choose from MatMul, Gemm, Gather, Conv")
+            raise ValueError(
+                f"op_types: cannot quantize {sorted(unknown)}; choose from MatMul, Gemm, Gather, Conv, LSTM, GRU, RNN"
+            )
         if self.min_elements < 0:
             raise ValueError(f"min_elements must be >= 0, got {self.min_elements}")
         if not 0.0 < self.target_cosine <= 1.0:
@@ -187,9 +191,12 @@ class _Quantizer:
             for node in list(graph):
                 if node.domain not in ("", "ai.onnx") or node.op_type not in self.config.op_types:
                     continue
-                handler = {"MatMul": self._matmul, "Gemm": self._gemm, "Gather": self._gather, "Conv": self._conv}[node.op_type]
+                handler = {"MatMul": self._matmul, "Gemm": self._gemm, "Gather": self._gather, "Conv": self._conv,
+                           "LSTM": self._recurrent, "GRU": self._recurrent, "RNN": self._recurrent}[node.op_type]
                 weight = handler(graph, node, activations, weights)
-                if weight is not None:
+                if isinstance(weight, list):
+                    touched.extend(weight)
+                elif weight is not None:
                     touched.append(weight)
             self._drop_unused(graph, touched)
 
@@ -398,6 +405,22 @@ class _Quantizer:
         weight = node.inputs[1]
         self._weight_only(_Builder(graph, self.opset), node, 1, w, axis=0)
         return weight
+
+
+    def _recurrent(self, graph: GraphLike, node: ir.Node, acts: dict, weights: dict) -> list[ir.Value]:
+        """LSTM/GRU/RNN ``W`` and ``R`` (``[directions, gates * hidden, K]``) stored int8 per gate row."""
+        if self._excluded(node) and self.config.excluded_weights == "float":
+            self.kept_float.append(node.name or node.op_type)
+            return []
+        done = []
+        for index in (1, 2):
+            w = float_weight(node.inputs[index] if len(node.inputs) > index else None, self.config.min_elements)
+            if w is None or w.ndim != 3:
+                continue
+            weight = node.inputs[index]
+            self._weight_only(_Builder(graph, self.opset), node, index, w, axis=1)
+            done.append(weight)
+        return done
 
 
 def quantize_dynamic_int8(model: ir.Model, config: QuantizeInt8DynamicConfig, node_filter: NodeFilter) -> _Quantizer:

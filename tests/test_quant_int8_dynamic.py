@@ -212,3 +212,33 @@ def test_walks_into_subgraphs(rng):
         feeds = {"c": np.array(flag), "x": x}
         (ref,), (got,) = run_ort(proto, feeds), run_ort(model, feeds)
         assert rel_error(ref, got) < 0.02
+
+
+def test_recurrent_weights_stored_int8(rng):
+    """LSTM/GRU W and R were left float32: an int8 recurrent model did not shrink at all."""
+    from quant_models import with_weights
+
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (float[T, N, 16] x) => (float[T, 1, N, 32] y, float[T, 1, N, 24] z) {
+        y, h, c = LSTM <hidden_size = 32> (x, W, R, B)
+        s = Squeeze (y, one)
+        z, hz = GRU <hidden_size = 24, linear_before_reset = 1> (s, Wg, Rg)
+    }
+    """
+    proto = with_weights(text, {
+        "W": rng.standard_normal((1, 128, 16)).astype(np.float32) * 0.3,
+        "R": rng.standard_normal((1, 128, 32)).astype(np.float32) * 0.2,
+        "B": rng.standard_normal((1, 256)).astype(np.float32) * 0.1,
+        "one": np.array([1], np.int64),
+        "Wg": rng.standard_normal((1, 72, 32)).astype(np.float32) * 0.3,
+        "Rg": rng.standard_normal((1, 72, 24)).astype(np.float32) * 0.2,
+    })
+    model, step = _quantize(proto)
+    assert step.details["weights_only_int8"] == 4
+    int8 = {v.name for v in model.graph.initializers.values() if v.dtype == ir.DataType.INT8}
+    assert len(int8) == 4 and not {"W", "R", "Wg", "Rg"} & set(model.graph.initializers)
+    x = rng.standard_normal((5, 3, 16)).astype(np.float32)
+    ref, got = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    for r, g in zip(ref, got, strict=True):
+        assert rel_error(r, g) < 2e-2  # 8-bit weights, per gate row, float recurrence
