@@ -337,8 +337,9 @@ def _convert(
             f"the model fails on the described inputs ({', '.join(str(s) for s in specs)}): "
             f"{type(exc).__name__}: {first_lines(str(exc), 4)}"
         ) from exc
+    function, nested_names = _flatten_nested_outputs(function)
     if not output_names:
-        output_names = _structured_output_names(function, n_outputs)
+        output_names = nested_names or _structured_output_names(function, n_outputs)
     names = list(output_names) if output_names else default_output_names(n_outputs)
     if len(names) != n_outputs:
         raise InputError(
@@ -423,6 +424,33 @@ def _convert_erfc(ctx: Any, node: Any, name: str, args: Any) -> None:
 _EXTRA_OP_HANDLERS: dict[str, tuple[Callable[..., None], list[Any]]] = {
     "Erfc": (_convert_erfc, []),
 }
+
+
+def _flatten_nested_outputs(function: Any) -> tuple[Any, list[str] | None]:
+    """A function returning nested dicts becomes one returning a flat list; names by path.
+
+    tf2onnx names a dict's outputs by key and fails on a dict inside a dict (``'dict' object
+    has no attribute 'name'``). Such outputs are flattened in ``tf.nest`` order (sorted keys)
+    and named by their joined keys (``{"b": {"c": t}}`` is ``b_c``).
+    """
+    tf = _tf()
+    outputs = function.get_concrete_function(*function.input_signature).structured_outputs
+    if not isinstance(outputs, Mapping) or all(isinstance(v, tf.Tensor) for v in outputs.values()):
+        return function, None
+
+    def paths(value: Any, prefix: str) -> list[str]:
+        if isinstance(value, Mapping):
+            return [p for k in sorted(value) for p in paths(value[k], f"{prefix}_{k}" if prefix else str(k))]
+        if isinstance(value, (list, tuple)):
+            return [p for i, v in enumerate(value) for p in paths(v, f"{prefix}_{i}" if prefix else str(i))]
+        return [prefix] if value is not None else []
+
+    names = paths(outputs, "")
+    flat = tf.function(
+        lambda *args: tf.nest.flatten(function(*args)),
+        input_signature=function.input_signature, autograph=False,
+    )
+    return flat, names if len(set(names)) == len(names) else None
 
 
 def _structured_output_names(function: Any, count: int) -> list[str] | None:

@@ -209,3 +209,15 @@ def test_built_subclassed_model_error_suggests_its_shape() -> None:
     model(np.zeros((1, 7, 4), np.float32))
     with pytest.raises(InputError, match=r"built with input_shape \(1, 7, 4\): e.g. --input x:Bx7x4:float32"):
         from_keras(model)
+
+
+def test_keras_model_with_nested_dict_outputs() -> None:
+    x = keras.Input((3,), name="x")
+    model = keras.Model(x, {"a": keras.layers.Dense(2)(x), "b": {"c": keras.layers.Dense(1)(x)}})
+    result = from_keras(model)
+    assert result.fidelity.passed
+    assert [v.name for v in result.model.graph.outputs] == ["a", "b_c"]
+    feed = np.random.default_rng().standard_normal((2, 3)).astype(np.float32)
+    expected = model(feed)
+    got = _run(result.model, {"x": feed})
+    np.testing.assert_allclose(got[1], expected["b"]["c"].numpy(), atol=1e-5, rtol=1e-4)
