@@ -579,10 +579,14 @@ def _output_names(out: Any) -> list[str]:
         return []
     names: list[str] = []
     for path, _ in leaves:
-        # MappingKey (dict) has .key; GetAttrKey (a namedtuple field, a dataclass) has .name.
-        keys = [str(k.key) if hasattr(k, "key") else str(k.name) for k in path
-                if hasattr(k, "key") or hasattr(k, "name")]
-        names.append("_".join(keys))
+        # MappingKey (dict) has .key; GetAttrKey (a namedtuple field, a dataclass) has .name;
+        # SequenceKey (a tuple or list inside a dict) has .idx: {"aux": (a, b)} is aux_0, aux_1.
+        named = any(hasattr(k, "key") or hasattr(k, "name") for k in path)
+        keys = [
+            str(k.key) if hasattr(k, "key") else str(k.name) if hasattr(k, "name") else str(k.idx)
+            for k in path if hasattr(k, "key") or hasattr(k, "name") or hasattr(k, "idx")
+        ]
+        names.append("_".join(keys) if named else "")
     if all(names) and len(set(names)) == len(names) and all(
         isinstance(leaf, torch.Tensor) for _, leaf in leaves
     ):

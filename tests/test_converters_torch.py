@@ -429,3 +429,14 @@ def test_namedtuple_fields_name_the_outputs() -> None:
     result = from_torch(NamedTupleOut(), inputs=["x:Bx3:float32"])
     assert result.fidelity.passed
     assert [v.name for v in result.model.graph.outputs] == ["scores", "best"]
+
+
+class NestedDictOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        return {"logits": x * 2, "aux": (x + 1, (x - 1, x.abs()))}
+
+
+def test_nested_dict_outputs_are_named_by_path() -> None:
+    result = from_torch(NestedDictOut(), inputs=["x:Bx3:float32"])
+    assert result.fidelity.passed
+    assert [v.name for v in result.model.graph.outputs] == ["logits", "aux_0", "aux_1_0", "aux_1_1"]
