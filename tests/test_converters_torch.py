@@ -440,3 +440,15 @@ def test_nested_dict_outputs_are_named_by_path() -> None:
     result = from_torch(NestedDictOut(), inputs=["x:Bx3:float32"])
     assert result.fidelity.passed
     assert [v.name for v in result.model.graph.outputs] == ["logits", "aux_0", "aux_1_0", "aux_1_1"]
+
+
+def test_float16_model_is_checked_at_float16_tolerances() -> None:
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.LayerNorm(64)).half()
+    result = from_torch(model, inputs=["x:BxSx64:float16"])
+    # A few float16 ulps apart (onnxruntime accumulates in another order): passes at the
+    # float16 tolerances, which the record keeps per output.
+    assert result.fidelity.passed, result.fidelity.failures()
+    from onnxpress.converters.fidelity import FP16_ATOL, FP16_RTOL
+
+    assert all((o.atol, o.rtol) == (FP16_ATOL, FP16_RTOL) for o in result.fidelity.outputs)
+    assert all(o.cosine > 0.9999 for o in result.fidelity.outputs)
