@@ -121,17 +121,25 @@ def auto_exclude(
     logger.info("auto-exclude: fidelity with everything quantized %.5f (target %.4f)", score, target_cosine)
     kept: list[str] = []
     if score < target_cosine and max_excluded > 0:
-        ranking = localize(model, candidate, batches)
         by_name = {n.name: n for n in model.graph if n.name}
+        try:
+            ranked = [name for row in localize(model, candidate, batches) for name in reversed(row.span or (row.node,))]
+        except Exception as exc:  # noqa: BLE001 - a ranking failure must not fail the quantization
+            # The localization exposes every intermediate as an output, which onnxruntime
+            # refuses for some graphs (values inside an If branch). The nodes are then probed
+            # in graph order instead of by their localized error.
+            logger.warning("auto-exclude: localization failed (%s); probing nodes in graph order",
+                           str(exc).splitlines()[0][:200])
+            record["localization_failed"] = str(exc).splitlines()[0][:200]
+            ranked = list(by_name)
         order: list[str] = []
-        for row in ranking:
-            for name in reversed(row.span or (row.node,)):
-                node = by_name.get(name)
-                if node is None or name in order or base.excludes(node):
-                    continue
-                if quantizable is not None and not quantizable(node):
-                    continue
-                order.append(name)
+        for name in ranked:
+            node = by_name.get(name)
+            if node is None or name in order or base.excludes(node):
+                continue
+            if quantizable is not None and not quantizable(node):
+                continue
+            order.append(name)
         # The localization ranks nodes by the error each adds from exact inputs; what a node
         # costs at the outputs also depends on what follows it. So the leading candidates are
         # tried one by one and taken in order of the fidelity each reaches alone.

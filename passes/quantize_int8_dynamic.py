@@ -138,6 +138,9 @@ class _Builder:
 
     def op(self, op_type: str, inputs: list[ir.Value | None], attributes: dict | None = None, *, name: str) -> ir.Value:
         node = ir.node(op_type, inputs, attributes or {}, name=name)
+        # Named now (``name`` is unique in the whole model): left unnamed, the serializer numbers
+        # each graph's values from val_0, and a subgraph's val_0 clashes with the main graph's.
+        node.outputs[0].name = name
         self.nodes.append(node)
         return node.outputs[0]
 
@@ -180,11 +183,16 @@ class _Quantizer:
         self.zero_points: dict[int, ir.Value] = {}
 
     def run(self) -> None:
-        for graph in list(graph_likes(self.model)):
-            self.used_names = {v.name for n in graph for v in n.outputs if v.name}
+        # One set of names for all graphs: onnxruntime refuses a subgraph value that shares its
+        # name with a value of the main graph (SSA across scopes).
+        graphs = list(graph_likes(self.model))
+        for graph in graphs:
+            self.used_names |= {v.name for n in graph for v in n.outputs if v.name}
             if isinstance(graph, ir.Graph):
                 self.used_names |= set(graph.initializers)
             self.used_names |= {v.name for v in graph.inputs if v.name}
+            self.used_names |= {n.name for n in graph if n.name}
+        for graph in graphs:
             activations: dict[int, tuple[ir.Value, ir.Value]] = {}
             weights: dict[tuple[int, bool, bool], tuple[ir.Value, np.ndarray]] = {}
             touched: list[ir.Value] = []

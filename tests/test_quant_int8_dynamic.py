@@ -242,3 +242,62 @@ def test_recurrent_weights_stored_int8(rng):
     ref, got = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
     for r, g in zip(ref, got, strict=True):
         assert rel_error(r, g) < 2e-2  # 8-bit weights, per gate row, float recurrence
+
+
+def test_auto_exclude_on_a_graph_with_an_if(rng, tmp_path):
+    """A MatMul inside an If branch is quantized and the result loads; auto-exclude works there."""
+    import onnx.helper as oh
+    import onnx.numpy_helper as onh
+
+    branch = oh.make_graph([oh.make_node("MatMul", ["h", "W1"], ["m"]), oh.make_node("Relu", ["m"], ["b"])],
+                           "then", [], [oh.make_tensor_value_info("b", 1, None)])
+    other = oh.make_graph([oh.make_node("Neg", ["h"], ["c"])], "else", [], [oh.make_tensor_value_info("c", 1, None)])
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+         oh.make_node("ReduceSum", ["x"], ["s"], keepdims=0), oh.make_node("Greater", ["s", "zero"], ["cond"]),
+         oh.make_node("If", ["cond"], ["r"], then_branch=branch, else_branch=other),
+         oh.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")],
+        "if_mlp", [oh.make_tensor_value_info("x", 1, ["N", 64])], [oh.make_tensor_value_info("y", 1, ["N", 32])],
+        [onh.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W1"),
+         onh.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W2"),
+         onh.from_array(np.array(0.0, np.float32), "zero")],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    # The values the quantizer adds are named once for the whole model: unnamed, ir.save numbered
+    # the branch's and the main graph's both from val_0 and onnxruntime refused the file.
+    import onnxruntime as ort
+
+    from onnxpress.passes.quant_common import to_proto_file
+
+    model, _ = _quantize(proto, min_elements=0)
+    assert _ops(model).count("MatMulInteger") == 2  # fc1, fc2; the branch has its own
+    ort.InferenceSession(str(to_proto_file(model, tmp_path)), providers=["CPUExecutionProvider"])
+    batches = [{"x": rng.standard_normal((8, 64)).astype(np.float32)}]
+    batches[0]["x"][0] *= 20
+    model, step = _quantize(proto, batches, min_elements=0, auto_exclude=True, target_cosine=0.999999, max_excluded=1)
+    record = step.details["auto_exclude"]
+    assert len(record["kept_float"]) == 1 and set(record["kept_float"]) <= {"fc1", "fc2"}
+    assert _ops(model).count("MatMulInteger") == 1
+    x = batches[0]["x"]
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref, got) < 0.1
+
+
+def test_auto_exclude_survives_a_failed_localization(rng, monkeypatch):
+    """Localization exposes every intermediate; when onnxruntime refuses that model, the
+    search probes the nodes in graph order instead of failing the pass."""
+    import importlib
+
+    localize_module = importlib.import_module("onnxpress.runtime.localize")
+
+    def refuse(*args, **kwargs):
+        raise InputError("onnxruntime cannot load the model with exposed intermediates")
+
+    monkeypatch.setattr(localize_module, "localize", refuse)
+    proto = mlp(rng)
+    batches = [{"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(2)]
+    batches[0]["x"][0] *= 20
+    model, step = _quantize(proto, batches, min_elements=0, auto_exclude=True, target_cosine=0.999999, max_excluded=1)
+    record = step.details["auto_exclude"]
+    assert "exposed intermediates" in record["localization_failed"]
+    assert len(record["kept_float"]) == 1 and _ops(model).count("MatMulInteger") == 1
