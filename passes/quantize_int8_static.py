@@ -48,6 +48,7 @@ from onnxpress.passes.quant_common import (
     adopt,
     check_exclusions,
     load_for_adopt,
+    opset_of,
     to_proto_file,
     wants_auto_exclude,
 )
@@ -114,7 +115,9 @@ def quantize_static_int8(
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[config.method]
     op_types = list(config.op_types) or sorted(set(QLinearOpsRegistry) | set(QDQRegistry))
-    excluded = node_filter.excluded_names(model)
+    if guard_for_qdq(model, dry_run=True):
+        model = model.clone()
+    excluded = node_filter.excluded_names(model) + guard_for_qdq(model)
     # onnxruntime's calibrators print progress to stdout; library code must not.
     with tempfile.TemporaryDirectory(prefix="onnxpress-static-") as folder, contextlib.redirect_stdout(io.StringIO()):
         source = to_proto_file(model, folder)
@@ -136,8 +139,14 @@ def quantize_static_int8(
         del calibrator
         proto = load_model_with_shape_infer(source)
         activation = QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8
+        per_channel = config.per_channel and opset_of(model) >= 13
+        if config.per_channel and not per_channel:
+            # DequantizeLinear takes an axis (per-channel scales) from opset 13 on; onnxruntime's
+            # quantizer wrote one anyway and the model did not load.
+            logger.warning("quantize-int8-static: opset %d < 13 has no per-channel DequantizeLinear; "
+                           "weights get one scale per tensor", opset_of(model))
         quantizer = QDQQuantizer(
-            proto, config.per_channel, config.reduce_range, QuantType.QInt8, activation, ranges,
+            proto, per_channel, config.reduce_range, QuantType.QInt8, activation, ranges,
             [], excluded, op_types, {"ActivationSymmetric": config.activation_type == "int8"},
         )
         quantizer.quantize_model()
@@ -145,6 +154,92 @@ def quantize_static_int8(
         large = source.with_suffix(".onnx.data").exists()
         quantizer.model.save_model_to_file(str(out), large)
         return load_for_adopt(out), count
+
+
+_FLOATS = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def guard_for_qdq(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool:
+    """Prepares ``model`` for onnxruntime's ``QDQQuantizer``, which assumes plain float32 layers.
+
+    Left to itself the quantizer (a) gives float16 weights a float16 ``DequantizeLinear``
+    scale, which needs opset 19 (the model does not load); (b) quantizes an initializer read
+    by several nodes once, with one node's per-channel axis, and reuses it for the others (a
+    ``Gather`` of a table that a ``MatMul`` also reads then fails at run time in
+    ``QuantizeLinear``); (c) fails with an ``IndexError`` on a ``Gemm``/``Conv`` whose bias
+    is broadcast from one element. Here nodes with float16/bfloat16/float64 inputs are named
+    (unnamed ones get a name) and returned for ``nodes_to_exclude``; every extra reader of a
+    shared float32 initializer gets its own copy; a one-element bias is broadcast to one
+    value per output channel (the same sums).
+
+    Args:
+        model: Changed in place unless ``dry_run``.
+        dry_run: Only answer whether anything would change.
+
+    Returns:
+        The names of the nodes to keep in float; with ``dry_run``, whether the model needs a change.
+    """
+    from onnxpress.graphs import graph_likes
+
+    graphs = [g for g in graph_likes(model) if isinstance(g, ir.Graph)]
+    names = {n.name for g in graphs for n in g if n.name} | {v.name for g in graphs for v in g.initializers.values()}
+    keep: list[str] = []
+    changed = False
+
+    def unique(base: str) -> str:
+        name, i = base, 1
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        names.add(name)
+        return name
+
+    for graph in graphs:
+        seen: set[int] = set()
+        for node in list(graph):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if any(v is not None and v.dtype in _FLOATS for v in [*node.inputs, *node.outputs]):
+                if dry_run:
+                    return True
+                if not node.name:
+                    node.name = unique(f"{node.op_type}_kept_float_by_onnxpress")
+                keep.append(node.name)
+                continue
+            for index, value in enumerate(node.inputs):
+                if value is None or not value.is_initializer() or value.is_graph_input():
+                    continue
+                if value.dtype != ir.DataType.FLOAT or value.const_value is None:
+                    continue
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    continue
+                if dry_run:
+                    return True
+                owner = value.graph if isinstance(value.graph, ir.Graph) else graph
+                name = unique(f"{value.name}_copy")
+                copy = ir.Value(name=name, shape=value.shape, type=value.type,
+                                const_value=ir.Tensor(value.const_value.numpy(), name=name))
+                owner.register_initializer(copy)
+                node.replace_input_with(index, copy)
+                changed = True
+            if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
+                bias, weight = node.inputs[2], node.inputs[1]
+                if bias.const_value is None or weight is None or weight.const_value is None:
+                    continue
+                attrs = {k: a.value for k, a in node.attributes.items()}
+                w_shape = weight.const_value.shape
+                channels = w_shape[0] if node.op_type == "Conv" or attrs.get("transB", 0) else w_shape[-1]
+                if bias.const_value.size == 1 and channels > 1:
+                    if dry_run:
+                        return True
+                    value = np.full((channels,), bias.const_value.numpy().reshape(-1)[0], np.float32)
+                    name = unique(f"{bias.name}_per_channel")
+                    wide = ir.Value(name=name, shape=ir.Shape([channels]), type=bias.type,
+                                    const_value=ir.Tensor(value, name=name))
+                    graph.register_initializer(wide)
+                    node.replace_input_with(2, wide)
+                    changed = True
+    return changed if dry_run else keep
 
 
 @register

@@ -91,3 +91,51 @@ def test_exclusions_honoured(rng):
 
 def test_needs_calibration_is_declared():
     assert QuantizeInt8StaticPass.needs.calibration
+
+
+def test_tied_table_fp16_layer_and_broadcast_bias(rng):
+    """Three things onnxruntime's QDQ quantizer got wrong: a table read by Gather and MatMul
+    was quantized once with the MatMul's channel axis and reused for the Gather (QuantizeLinear
+    failed at run time); a float16 MatMul got a float16 DequantizeLinear scale (needs opset 19:
+    the model did not load); a Gemm bias of one element raised IndexError."""
+    from quant_models import with_weights
+
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (int64[N, 4] ids, float16[N, 32] h) => (float[N, 4, 32] y, float[N, 32] z, float16[N, 32] u) {
+        e = Gather <axis = 0> (T, ids)
+        y = MatMul (e, T)
+        s = ReduceMean <axes = [1], keepdims = 0> (e)
+        z = Gemm <transB = 1> (s, G, c)
+        u = MatMul (h, H)
+    }
+    """
+    proto = with_weights(text, {
+        "T": rng.standard_normal((32, 32)).astype(np.float32),
+        "G": rng.standard_normal((32, 32)).astype(np.float32) * 0.2,
+        "c": np.array([0.5], np.float32),
+        "H": (rng.standard_normal((32, 32)) * 0.2).astype(np.float16),
+    })
+    def feeds():
+        return {"ids": rng.integers(0, 32, size=(8, 4)).astype(np.int64),
+                "h": rng.standard_normal((8, 32)).astype(np.float16)}
+
+    model, step = _quantize(proto, [feeds() for _ in range(4)])
+    assert step.details["quantize_linear_nodes"] >= 2
+    assert all(n.inputs[1].dtype == ir.DataType.FLOAT for n in model.graph if n.op_type == "DequantizeLinear")
+    x = feeds()
+    ref, got = run_ort(proto, x), run_ort(model, x)
+    assert rel_error(ref[0], got[0]) < 0.05
+    # z: a mean of int8 rows into an int8 Gemm, its range calibrated on 32 samples: 5-12 % seen
+    assert rel_error(ref[1], got[1]) < 0.25
+    np.testing.assert_array_equal(ref[2], got[2])  # the float16 MatMul stays as it was
+
+
+def test_per_channel_below_opset_13_falls_back_to_per_tensor(rng):
+    """DequantizeLinear takes no axis before opset 13; the quantizer wrote one (did not load)."""
+    proto = mlp(rng, opset=11)
+    model, _ = _quantize(proto, _batches(rng))
+    assert all("axis" not in n.attributes for n in model.graph if n.op_type == "DequantizeLinear")
+    x = _batches(rng, 1)[0]
+    (ref,), (got,) = run_ort(proto, x), run_ort(model, x)
+    assert rel_error(ref, got) < 0.2  # two layers, 7-bit weights with one scale per tensor: 3-10 % seen
