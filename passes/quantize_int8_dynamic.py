@@ -37,7 +37,8 @@ Embedding tables (``Gather`` on a constant ``[V, D]`` table, axis 0) are stored 
 one scale per row, decoded after the lookup (``Gather`` of the int8 rows and of their scales,
 ``Cast``, ``Mul``), so only the looked-up rows are ever dequantized. ``Conv`` weights are stored
 as int8 per output channel, read back by ``Cast`` and ``Mul`` (the convolution stays in float: int8
-convolution with per-row scales has no standard op); so are the ``W`` and ``R`` weights of
+convolution with per-row scales has no standard op), and so are ``ConvTranspose`` weights (per input
+channel, their first axis) and the ``W`` and ``R`` weights of
 ``LSTM``/``GRU``/``RNN``, one scale per gate row (a recurrent model otherwise did not shrink at all).
 
 Excluded nodes (by name, glob or op type, or chosen by ``auto_exclude``) compute in float; with
@@ -83,8 +84,8 @@ class QuantizeInt8DynamicConfig:
     """Options of quantize-int8-dynamic."""
 
     op_types: tuple[str, ...] = option(
-        ("MatMul", "Gemm", "Gather", "Conv", "LSTM", "GRU", "RNN"),
-        "op types to quantize (MatMul, Gemm, Gather, Conv, and the recurrent LSTM, GRU, RNN)",
+        ("MatMul", "Gemm", "Gather", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN"),
+        "op types to quantize (MatMul, Gemm, Gather, Conv, ConvTranspose, and the recurrent LSTM, GRU, RNN)",
     )
     activations: Literal["row", "tensor"] = option(
         "tensor", "activation scales computed at run time: one per tensor (fast) or one per row (token)"
@@ -107,10 +108,10 @@ class QuantizeInt8DynamicConfig:
     calibration_batches: int = option(4, "auto_exclude measures on this many calibration batches")
 
     def __post_init__(self) -> None:
-        unknown = set(self.op_types) - {"MatMul", "Gemm", "Gather", "Conv", "LSTM", "GRU", "RNN"}
+        unknown = set(self.op_types) - {"MatMul", "Gemm", "Gather", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN"}
         if unknown:
             raise ValueError(
-                f"op_types: cannot quantize {sorted(unknown)}; choose from MatMul, Gemm, Gather, Conv, LSTM, GRU, RNN"
+                f"op_types: cannot quantize {sorted(unknown)}; choose from MatMul, Gemm, Gather, Conv, ConvTranspose, LSTM, GRU, RNN"
             )
         if self.min_elements < 0:
             raise ValueError(f"min_elements must be >= 0, got {self.min_elements}")
@@ -200,7 +201,7 @@ class _Quantizer:
                 if node.domain not in ("", "ai.onnx") or node.op_type not in self.config.op_types:
                     continue
                 handler = {"MatMul": self._matmul, "Gemm": self._gemm, "Gather": self._gather, "Conv": self._conv,
-                           "LSTM": self._recurrent, "GRU": self._recurrent, "RNN": self._recurrent}[node.op_type]
+                           "ConvTranspose": self._conv, "LSTM": self._recurrent, "GRU": self._recurrent, "RNN": self._recurrent}[node.op_type]
                 weight = handler(graph, node, activations, weights)
                 if isinstance(weight, list):
                     touched.extend(weight)

@@ -301,3 +301,22 @@ def test_auto_exclude_survives_a_failed_localization(rng, monkeypatch):
     record = step.details["auto_exclude"]
     assert "exposed intermediates" in record["localization_failed"]
     assert len(record["kept_float"]) == 1 and _ops(model).count("MatMulInteger") == 1
+
+
+def test_conv_transpose_weights_stored_int8(rng):
+    """ConvTranspose weights (a decoder's upsampling) were left float32."""
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (float[N, 32, 5, 5] x) => (float[N, 16, 10, 10] y) {
+        y = ConvTranspose <strides = [2, 2], group = 2> (x, W, B)
+    }
+    """
+    proto = with_weights(text, {
+        "W": rng.standard_normal((32, 8, 2, 2)).astype(np.float32),
+        "B": rng.standard_normal(16).astype(np.float32),
+    })
+    model, step = _quantize(proto)
+    assert step.details["weights_only_int8"] == 1 and "W" not in model.graph.initializers
+    x = rng.standard_normal((2, 32, 5, 5)).astype(np.float32)
+    (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref, got) < 1e-2
