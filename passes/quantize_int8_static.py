@@ -166,11 +166,13 @@ def guard_for_qdq(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool
     scale, which needs opset 19 (the model does not load); (b) quantizes an initializer read
     by several nodes once, with one node's per-channel axis, and reuses it for the others (a
     ``Gather`` of a table that a ``MatMul`` also reads then fails at run time in
-    ``QuantizeLinear``); (c) fails with an ``IndexError`` on a ``Gemm``/``Conv`` whose bias
-    is broadcast from one element. Here nodes with float16/bfloat16/float64 inputs are named
-    (unnamed ones get a name) and returned for ``nodes_to_exclude``; every extra reader of a
-    shared float32 initializer gets its own copy; a one-element bias is broadcast to one
-    value per output channel (the same sums).
+    ``QuantizeLinear``); (c) fails (``IndexError``, "truth value of an array") on a ``Gemm``
+    bias that is not one value per output channel (``[1]``, ``[1, N]``, ``[M, N]``). Here nodes
+    with float16/bfloat16/float64 inputs, and Gemms with an ``[M, N]`` bias, are named (unnamed
+    ones get a name) and returned for ``nodes_to_exclude``; every extra reader of a shared
+    float32 initializer gets its own copy; a ``[1]`` or ``[1, N]`` bias becomes ``[N]`` (the
+    same sums). (d) It quantizes a Gemm's bias as if ``beta`` were 1 (``beta = 0.5`` gave 59 %
+    error), so ``beta`` is folded into the bias: ``C' = beta * C``, ``beta' = 1``.
 
     Args:
         model: Changed in place unless ``dry_run``.
@@ -229,10 +231,21 @@ def guard_for_qdq(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool
                 attrs = {k: a.value for k, a in node.attributes.items()}
                 w_shape = weight.const_value.shape
                 channels = w_shape[0] if node.op_type == "Conv" or attrs.get("transB", 0) else w_shape[-1]
-                if bias.const_value.size == 1 and channels > 1:
+                if bias.const_value.size not in (1, channels):  # a [M, N] bias: not per channel
                     if dry_run:
                         return True
-                    value = np.full((channels,), bias.const_value.numpy().reshape(-1)[0], np.float32)
+                    if not node.name:
+                        node.name = unique(f"{node.op_type}_kept_float_by_onnxpress")
+                    keep.append(node.name)
+                    continue
+                beta = float(attrs.get("beta", 1.0)) if node.op_type == "Gemm" else 1.0
+                if bias.const_value.shape != ir.Shape([channels]) or beta != 1.0:
+                    if dry_run:
+                        return True
+                    flat = bias.const_value.numpy().reshape(-1) * np.float32(beta)
+                    value = np.broadcast_to(flat, (channels,)).astype(np.float32)
+                    if beta != 1.0:
+                        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
                     name = unique(f"{bias.name}_per_channel")
                     wide = ir.Value(name=name, shape=ir.Shape([channels]), type=bias.type,
                                     const_value=ir.Tensor(value, name=name))

@@ -139,3 +139,32 @@ def test_per_channel_below_opset_13_falls_back_to_per_tensor(rng):
     x = _batches(rng, 1)[0]
     (ref,), (got,) = run_ort(proto, x), run_ort(model, x)
     assert rel_error(ref, got) < 0.2  # two layers, 7-bit weights with one scale per tensor: 3-10 % seen
+
+
+def test_gemm_biases_not_one_per_channel(rng):
+    """onnxruntime's bias scaling indexes the bias per output channel: a [1, N] bias raised
+    "truth value of an array is ambiguous" and an [M, N] one the same. The first is reshaped
+    to [N]; a Gemm with the second stays float. Its beta was quantized as if it were 1."""
+    from quant_models import with_weights
+
+    text = """
+    <ir_version: 8, opset_import: ["": 17]>
+    g (float[4, 64] x) => (float[4, 32] y, float[4, 32] z) {
+        y = Gemm <beta = 0.5> (x, W, row)
+        z = Gemm <transB = 1> (x, V, full)
+    }
+    """
+    proto = with_weights(text, {
+        "W": rng.standard_normal((64, 32)).astype(np.float32) * 0.2,
+        "row": rng.standard_normal((1, 32)).astype(np.float32),
+        "V": rng.standard_normal((32, 64)).astype(np.float32) * 0.2,
+        "full": rng.standard_normal((4, 32)).astype(np.float32),
+    })
+    proto.graph.node[1].name = "full_bias"
+    model, step = _quantize(proto, [{"x": rng.standard_normal((4, 64)).astype(np.float32)} for _ in range(4)])
+    gemm = next(n for n in model.graph if n.op_type == "Gemm" and n.name == "full_bias")
+    assert gemm.inputs[1].name == "V"  # kept float, weight not dequantized
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    ref, got = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
+    assert rel_error(ref[0], got[0]) < 0.05  # beta = 0.5 folded into the bias (was 59 % off)
+    assert rel_error(ref[1], got[1]) < 0.05  # float weights; x may be read through its QDQ pair
