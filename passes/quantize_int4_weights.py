@@ -298,7 +298,7 @@ class QuantizeInt4WeightsPass(OnnxpressPass):
     name = "quantize-int4-weights"
     Config = QuantizeInt4WeightsConfig
     needs = Needs(
-        min_opset=13, calibration_when="auto_exclude: true", calibration_if=lambda c: c.auto_exclude is True
+        min_opset=11, calibration_when="auto_exclude: true", calibration_if=lambda c: c.auto_exclude is True
     )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

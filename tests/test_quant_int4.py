@@ -161,3 +161,21 @@ def test_weight_shared_by_two_gemms(rng):
     x = rng.standard_normal((4, 64)).astype(np.float32)
     (ref,), (got,) = run_ort(proto, {"x": x}), run_ort(model, {"x": x})
     assert rel_error(ref, got) < 0.15
+
+
+def test_opset_11_model_through_the_preset(rng):
+    """The pass asked for opset 13 though MatMulNBits and GatherBlockQuantized are
+    com.microsoft ops that do not depend on it: older exports (opset 11, 12) were refused."""
+    from onnxpress.pipeline import Pipeline
+    from onnxpress.recipes import load_preset
+
+    proto = embed_mlp(rng, opset=11)
+    model = to_ir(proto)
+    pipeline = Pipeline.from_recipe(load_preset("int4"))
+    pipeline.preflight(model, has_calibration=False)
+    pipeline.run(model)
+    assert model.opset_imports[""] == 11
+    assert sorted(n.op_type for n in model.graph) == ["GatherBlockQuantized", "MatMulNBits"]
+    ids = rng.integers(0, 100, size=(3, 5)).astype(np.int64)
+    (ref,), (got,) = run_ort(proto, {"ids": ids}), run_ort(model, {"ids": ids})
+    assert rel_error(ref, got) < 0.15
