@@ -171,10 +171,11 @@ def guard_for_ort(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool
     keep: list[str] = []
     names = {n.name for g in graph_likes(model) for n in g if n.name}
     changed = False
-    for graph in graph_likes(model):
-        if not isinstance(graph, ir.Graph):
-            continue  # onnxruntime's quantizer does not look into functions
-        readers: dict[int, set[str]] = {}
+    # onnxruntime's quantizer does not look into functions; readers are counted over all
+    # graphs, since a branch may read a table of the main graph.
+    graphs = [g for g in graph_likes(model) if isinstance(g, ir.Graph)]
+    readers: dict[int, set[str]] = {}
+    for graph in graphs:
         for node in graph:
             if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gather"):
                 continue
@@ -190,6 +191,8 @@ def guard_for_ort(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool
                 keep.append(node.name)
                 continue
             readers.setdefault(id(weight), set()).add(node.op_type)
+    copies: dict[int, ir.Value] = {}  # one Gather copy per shared table
+    for graph in graphs:
         for node in list(graph):
             if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
                 continue
@@ -198,15 +201,16 @@ def guard_for_ort(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool
                 continue
             if dry_run:
                 return True
-            owner = weight.graph if isinstance(weight.graph, ir.Graph) else graph
-            initializer_names = set(owner.initializers)
-            name = _unique_name(f"{weight.name}_gather", names | initializer_names)
-            # A new tensor object: registering the shared one would rename it (and the caller's
-            # proto behind it).
-            table = ir.Value(name=name, shape=weight.shape, type=weight.type,
-                             const_value=ir.Tensor(weight.const_value.numpy(), name=name))
-            owner.register_initializer(table)
-            node.replace_input_with(0, table)
+            if id(weight) not in copies:
+                owner = weight.graph if isinstance(weight.graph, ir.Graph) else graph
+                name = _unique_name(f"{weight.name}_gather", names | set(owner.initializers))
+                # A new tensor object: registering the shared one would rename it (and the
+                # caller's proto behind it).
+                table = ir.Value(name=name, shape=weight.shape, type=weight.type,
+                                 const_value=ir.Tensor(weight.const_value.numpy(), name=name))
+                owner.register_initializer(table)
+                copies[id(weight)] = table
+            node.replace_input_with(0, copies[id(weight)])
             changed = True
     if dry_run:
         return changed

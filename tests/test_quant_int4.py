@@ -179,3 +179,28 @@ def test_opset_11_model_through_the_preset(rng):
     ids = rng.integers(0, 100, size=(3, 5)).astype(np.int64)
     (ref,), (got,) = run_ort(proto, {"ids": ids}), run_ort(model, {"ids": ids})
     assert rel_error(ref, got) < 0.15
+
+
+def test_tied_table_read_inside_a_branch(rng):
+    """The table is read by two Gathers in the main graph and a MatMul inside an If branch:
+    the Gathers share one copy, the branch's MatMul keeps the original name."""
+    import onnx.helper as oh
+    import onnx.numpy_helper as onh
+
+    then = oh.make_graph([oh.make_node("MatMul", ["e", "T"], ["m"])], "then", [], [oh.make_tensor_value_info("m", 1, None)])
+    other = oh.make_graph([oh.make_node("Neg", ["e"], ["n"])], "else", [], [oh.make_tensor_value_info("n", 1, None)])
+    graph = oh.make_graph(
+        [oh.make_node("Gather", ["T", "ids"], ["e"]), oh.make_node("Gather", ["T", "ids"], ["f"]),
+         oh.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other),
+         oh.make_node("Add", ["f", "f"], ["z"])],
+        "g", [oh.make_tensor_value_info("ids", 7, ["N", 4]), oh.make_tensor_value_info("flag", 9, [])],
+        [oh.make_tensor_value_info("y", 1, None), oh.make_tensor_value_info("z", 1, None)],
+        [onh.from_array(rng.standard_normal((64, 64)).astype(np.float32), "T")],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model, step = _quantize(proto)
+    assert step.details["gather_block_quantized"] == 2
+    assert sum(1 for name in model.graph.initializers if name.startswith("T_gather")) == 3  # codes, scales, zero points
+    feeds = {"ids": rng.integers(0, 64, size=(3, 4)).astype(np.int64), "flag": np.array(True)}
+    ref, got = run_ort(proto, feeds), run_ort(model, feeds)
+    assert rel_error(ref[0], got[0]) < 0.2 and rel_error(ref[1], got[1]) < 0.15
