@@ -9,15 +9,20 @@ import logging
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
+from onnxpress.converters.fidelity import FidelityRecord, Reference, check_fidelity
 
-from onnxpress.converters.fidelity import FidelityRecord
 from onnxpress.errors import EXIT_PASS_FAILED, OnnxpressError
-from onnxpress.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, EXTERNAL_TENSOR_MIN_BYTES, constant_bytes
+from onnxpress.model_io import (
+    EXTERNAL_DATA_THRESHOLD_BYTES,
+    EXTERNAL_TENSOR_MIN_BYTES,
+    constant_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,30 @@ def saved_for_session(model: ir.Model) -> Iterator[Path]:
         else:
             _save_inlined(model, path)
         yield path
+
+
+def check_export(
+    model: ir.Model, reference: Reference, batches: Sequence[Mapping[str, np.ndarray]], **options: Any
+) -> tuple[FidelityRecord, list[list[int]]]:
+    """Runs the export in onnxruntime against the framework (:func:`check_fidelity`).
+
+    Args:
+        model: The export.
+        reference: The framework model, as :func:`check_fidelity` takes it.
+        batches: Named inputs, one mapping per batch size.
+        **options: ``check_fidelity``'s keyword options (tolerances, ``inputs``, ``progress``).
+
+    Returns:
+        The record, and the output shapes seen at the largest batch (for ``fix_output_shapes``).
+    """
+    from onnxpress.sessions import load_session
+
+    with saved_for_session(model) as path:
+        session = load_session(path)
+        record = check_fidelity(reference, session, batches, **options)
+        del session
+    largest = max(record.batch_sizes, default=0)
+    return record, [list(o.shape) for o in record.outputs if o.batch_size == largest]
 
 
 @contextlib.contextmanager

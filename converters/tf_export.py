@@ -33,24 +33,22 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-
 from onnxpress.converters.fidelity import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZES,
     DEFAULT_RTOL,
-    check_fidelity,
 )
 from onnxpress.converters.result import (
     ConversionError,
     ConversionResult,
     captured_stdout,
+    check_export,
     default_output_names,
     describe_value,
     first_lines,
     fix_output_shapes,
     model_opset,
     quiet_framework_logs,
-    saved_for_session,
 )
 from onnxpress.converters.specs import (
     DEFAULT_SEED,
@@ -62,8 +60,8 @@ from onnxpress.converters.specs import (
     load_callable,
     parse_inputs,
 )
+
 from onnxpress.errors import InputError, ValidationFailedError
-from onnxpress.sessions import load_session
 
 logger = logging.getLogger(__name__)
 
@@ -368,15 +366,8 @@ def _convert(
         source = f"generated, seed {seed}" + (
             "; dynamic dims shrunk at the larger batch" if len(sizes) > 1 else ""
         )
-    with saved_for_session(model) as path:
-        session = load_session(path)
-        record = check_fidelity(
-            reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
-            inputs=source, progress=progress,
-        )
-        largest = max(record.batch_sizes, default=0)
-        observed = [list(o.shape) for o in record.outputs if o.batch_size == largest]
-        del session
+    record, observed = check_export(model, reference, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                                    inputs=source, progress=progress)
     fix_output_shapes(model, observed)
     result = ConversionResult(
         model=model,

@@ -31,19 +31,18 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-
 from onnxpress.converters.fidelity import (
     DEFAULT_ATOL,
     DEFAULT_BATCH_SIZES,
     DEFAULT_RTOL,
     FidelityRecord,
-    check_fidelity,
 )
 from onnxpress.converters.result import (
     ConversionError,
     ConversionResult,
     captured_fds,
     captured_stdout,
+    check_export,
     default_output_names,
     describe_value,
     find_op_name,
@@ -52,7 +51,6 @@ from onnxpress.converters.result import (
     model_opset,
     quiet_framework_logs,
     root_cause,
-    saved_for_session,
 )
 from onnxpress.converters.specs import (
     DEFAULT_SEED,
@@ -64,8 +62,8 @@ from onnxpress.converters.specs import (
     load_callable,
     parse_inputs,
 )
+
 from onnxpress.errors import InputError
-from onnxpress.sessions import load_session
 
 logger = logging.getLogger(__name__)
 
@@ -188,16 +186,8 @@ def from_torch(
         return _flatten_outputs(out)
 
     def checked(model: ir.Model) -> tuple[FidelityRecord, list[list[int]]]:
-        with saved_for_session(model) as path:
-            session = load_session(path)
-            record = check_fidelity(
-                reference, session, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
-                inputs=source, progress=progress,
-            )
-            largest = max(record.batch_sizes, default=0)
-            observed = [list(o.shape) for o in record.outputs if o.batch_size == largest]
-            del session
-        return record, observed
+        return check_export(model, reference, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                            inputs=source, progress=progress)
 
     note += _pinned_dims_note(onnx_model, specs)
     record, observed = checked(onnx_model)
@@ -948,9 +938,9 @@ def _weights_only_loading() -> Iterator[None]:
 
 def load_pt2(path: str | Path) -> Any:
     """Loads a ``torch.export.save`` archive with weights-only unpickling."""
-    import torch
-
     import zipfile
+
+    import torch
 
     path = Path(path)
     if not path.is_file():
