@@ -159,6 +159,18 @@ def quantize_static_int8(
 _FLOATS = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
 
+def _bias_channels(node: ir.Node) -> int | None:
+    """Output channels of a Gemm or Conv with a constant bias and weight, else None."""
+    if node.op_type not in ("Gemm", "Conv") or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    bias, weight = node.inputs[2], node.inputs[1]
+    if bias.const_value is None or weight is None or weight.const_value is None:
+        return None
+    shape = weight.const_value.shape
+    transposed = "transB" in node.attributes and node.attributes["transB"].value
+    return shape[0] if node.op_type == "Conv" or transposed else shape[-1]
+
+
 def guard_for_qdq(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool:
     """Prepares ``model`` for onnxruntime's ``QDQQuantizer``, which assumes plain float32 layers.
 
@@ -200,7 +212,9 @@ def guard_for_qdq(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool
         for node in list(graph):
             if node.domain not in ("", "ai.onnx"):
                 continue
-            if any(v is not None and v.dtype in _FLOATS for v in [*node.inputs, *node.outputs]):
+            channels = _bias_channels(node)
+            wide_bias = channels is not None and node.inputs[2].const_value.size not in (1, channels)
+            if wide_bias or any(v is not None and v.dtype in _FLOATS for v in [*node.inputs, *node.outputs]):
                 if dry_run:
                     return True
                 if not node.name:
@@ -224,34 +238,23 @@ def guard_for_qdq(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool
                 owner.register_initializer(copy)
                 node.replace_input_with(index, copy)
                 changed = True
-            if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
-                bias, weight = node.inputs[2], node.inputs[1]
-                if bias.const_value is None or weight is None or weight.const_value is None:
-                    continue
-                attrs = {k: a.value for k, a in node.attributes.items()}
-                w_shape = weight.const_value.shape
-                channels = w_shape[0] if node.op_type == "Conv" or attrs.get("transB", 0) else w_shape[-1]
-                if bias.const_value.size not in (1, channels):  # a [M, N] bias: not per channel
-                    if dry_run:
-                        return True
-                    if not node.name:
-                        node.name = unique(f"{node.op_type}_kept_float_by_onnxpress")
-                    keep.append(node.name)
-                    continue
-                beta = float(attrs.get("beta", 1.0)) if node.op_type == "Gemm" else 1.0
-                if bias.const_value.shape != ir.Shape([channels]) or beta != 1.0:
-                    if dry_run:
-                        return True
-                    flat = bias.const_value.numpy().reshape(-1) * np.float32(beta)
-                    value = np.broadcast_to(flat, (channels,)).astype(np.float32)
-                    if beta != 1.0:
-                        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-                    name = unique(f"{bias.name}_per_channel")
-                    wide = ir.Value(name=name, shape=ir.Shape([channels]), type=bias.type,
-                                    const_value=ir.Tensor(value, name=name))
-                    graph.register_initializer(wide)
-                    node.replace_input_with(2, wide)
-                    changed = True
+            if channels is None:
+                continue
+            bias = node.inputs[2]
+            beta = float(node.attributes["beta"].value) if node.op_type == "Gemm" and "beta" in node.attributes else 1.0
+            if bias.const_value.shape != ir.Shape([channels]) or beta != 1.0:
+                if dry_run:
+                    return True
+                flat = bias.const_value.numpy().reshape(-1) * np.float32(beta)
+                value = np.broadcast_to(flat, (channels,)).astype(np.float32)
+                if beta != 1.0:
+                    node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+                name = unique(f"{bias.name}_per_channel")
+                wide = ir.Value(name=name, shape=ir.Shape([channels]), type=bias.type,
+                                const_value=ir.Tensor(value, name=name))
+                graph.register_initializer(wide)
+                node.replace_input_with(2, wide)
+                changed = True
     return changed if dry_run else keep
 
 
