@@ -207,19 +207,20 @@ def guard_for_qdq(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool
         names.add(name)
         return name
 
+    def keep_float(node: ir.Node) -> None:
+        if not node.name:
+            node.name = unique(f"{node.op_type}_kept_float_by_onnxpress")
+        keep.append(node.name)
+
     for graph in graphs:
         seen: set[int] = set()
         for node in list(graph):
             if node.domain not in ("", "ai.onnx"):
                 continue
-            channels = _bias_channels(node)
-            wide_bias = channels is not None and node.inputs[2].const_value.size not in (1, channels)
-            if wide_bias or any(v is not None and v.dtype in _FLOATS for v in [*node.inputs, *node.outputs]):
+            if any(v is not None and v.dtype in _FLOATS for v in [*node.inputs, *node.outputs]):
                 if dry_run:
                     return True
-                if not node.name:
-                    node.name = unique(f"{node.op_type}_kept_float_by_onnxpress")
-                keep.append(node.name)
+                keep_float(node)
                 continue
             for index, value in enumerate(node.inputs):
                 if value is None or not value.is_initializer() or value.is_graph_input():
@@ -238,9 +239,15 @@ def guard_for_qdq(model: ir.Model, *, dry_run: bool = False) -> list[str] | bool
                 owner.register_initializer(copy)
                 node.replace_input_with(index, copy)
                 changed = True
+            channels = _bias_channels(node)
             if channels is None:
                 continue
             bias = node.inputs[2]
+            if bias.const_value.size not in (1, channels):  # a [M, N] bias: not per channel
+                if dry_run:
+                    return True
+                keep_float(node)
+                continue
             beta = float(node.attributes["beta"].value) if node.op_type == "Gemm" and "beta" in node.attributes else 1.0
             if bias.const_value.shape != ir.Shape([channels]) or beta != 1.0:
                 if dry_run:
