@@ -606,12 +606,11 @@ def validate(
             report.candidate.accuracy = 100.0 * correct["c"] / rows
         if measure_speed and first_feeds is not None:
             full = source.read(0, min(batch_size, rows), inputs)
-            # timed as a user runs a model: alone, with all the threads
-            del ref_runner.session, cand_runner.session
-            ref_runner, cand_runner = (BatchRunner(path, batch_size=batch_size, threads=threads)
-                                       for path in (reference, candidate))
+            # timed as a user runs a model, with all the threads; the comparison's sessions go first
+            del ref_runner, cand_runner
             report.reference.samples_per_second, report.candidate.samples_per_second = _measure_speed(
-                ref_runner, cand_runner, full, speed_repeats)
+                BatchRunner(reference, batch_size=batch_size, threads=threads),
+                BatchRunner(candidate, batch_size=batch_size, threads=threads), full, speed_repeats)
             report.speed_repeats = speed_repeats
         if localize:
             # localization runs bare sessions: a fixed batch size gets only full batches
