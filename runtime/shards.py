@@ -76,40 +76,89 @@ def run_fingerprint(model: Path, data: Path, rows: int, batch_size: int) -> dict
     return {"model": _file_fingerprint(model), "input": _file_fingerprint(data), "rows": rows, "batch_size": batch_size}
 
 
+class _HashingWriter:
+    """A write-only, unseekable file view that hashes what passes through it.
+
+    Writers that would seek back (``zipfile`` patches each member's local header) write a
+    data descriptor after the member instead, so the file is written in one pass and its
+    SHA-256 comes for free, without reading the file back.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._hasher = hashlib.sha256()
+        self._size = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        self._f.write(view)
+        self._hasher.update(view)
+        self._size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def digest(self) -> tuple[int, str]:
+        return self._size, self._hasher.hexdigest()
+
+
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes, *, sync: bool = True) -> tuple[int, str]:
     """Writes a temporary file beside ``path``, syncs it, and renames it into place.
 
     Args:
         path: The target.
-        write: The bytes, or a function that writes them to the open file.
+        write: The bytes, or a function that writes them, in one pass, to the (unseekable)
+            file it is given.
         sync: Flush the file and its folder to disk (the rename is atomic either way; the
             sync makes it survive a power cut too).
 
     Returns:
-        The size and SHA-256 of what was written (hashed from the file: nothing is held twice).
+        The size and SHA-256 of what was written (hashed as it is written).
     """
-    with atomic_open(path, "w+b", sync=sync) as f:
+    with atomic_open(path, "wb", sync=sync) as f:
+        out = _HashingWriter(f)
         if isinstance(write, bytes):
-            f.write(write)
+            out.write(write)
         else:
-            write(f)
-        f.flush()
-        size = f.tell()
-        f.seek(0)
-        hasher = hashlib.sha256()
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-        digest = hasher.hexdigest()
-    return size, digest
+            write(out)  # type: ignore[arg-type]
+        out.flush()
+        return out.digest()
 
 
 def write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed ``.npz`` (loadable by ``numpy.load``) with a fixed timestamp, so it is reproducible."""
+    """An uncompressed ``.npz`` (loadable by ``numpy.load``) with a fixed timestamp, so it is reproducible.
+
+    Numeric arrays are written from their own memory (``numpy.lib.format.write_array`` would
+    copy them in 16 MiB pieces when the target is not a real file).
+    """
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
             with archive.open(info, "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+                array = np.ascontiguousarray(array)
+                if array.dtype.hasobject:  # refused with numpy's own message
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+                    continue
+                header = np.lib.format.header_data_from_array_1_0(array)
+                try:
+                    np.lib.format.write_array_header_1_0(member, header)
+                except ValueError:  # a header over 64 KiB (very many dimensions)
+                    np.lib.format.write_array_header_2_0(member, header)
+                member.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
 def write_parquet(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:

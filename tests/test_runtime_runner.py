@@ -333,3 +333,28 @@ def test_default_shards_are_a_64th_of_the_output_within_bounds(row_bytes: int, r
         assert wanted - batch * row_bytes < shard_bytes <= wanted
     else:  # a batch alone is bigger: one batch a shard
         assert shard_rows == batch
+
+
+@pytest.mark.parametrize("fmt", ["npz", "parquet"])
+def test_manifest_digests_are_the_files_on_disk(tmp_path: Path, rng: np.random.Generator, fmt: str) -> None:
+    """Shards are hashed while they are written (one pass): the digests must be the files' own."""
+    import hashlib
+
+    from onnxpress.runtime.shards import iter_shards
+
+    proto = parse(TWO_IN_TWO_OUT)
+    model = save(proto, tmp_path / "m.onnx")
+    data = two_io_data(rng, 45)
+    np.savez(tmp_path / "in.npz", **data)
+    out = tmp_path / "out"
+    BatchRunner(model, batch_size=8).run(tmp_path / "in.npz", out, shard_rows=16, output_format=fmt)
+    manifest = read_manifest(out)
+    assert [s["stop"] - s["start"] for s in manifest["shards"]] == [16, 16, 13]
+    for shard in manifest["shards"]:
+        raw = (out / shard["file"]).read_bytes()
+        assert shard["bytes"] == len(raw)
+        assert shard["sha256"] == hashlib.sha256(raw).hexdigest()
+    expected = run_ort(proto, data)
+    parts = list(iter_shards(out, verify=True))
+    np.testing.assert_array_equal(np.concatenate([p["y"] for p in parts]), expected[0])
+    np.testing.assert_array_equal(np.concatenate([p["z"] for p in parts]), expected[1])
