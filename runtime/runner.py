@@ -269,7 +269,7 @@ class BatchRunner:
             force: Replace an existing output instead of refusing.
             output_format: ``"npz"`` or ``"parquet"`` shards (a ``.parquet`` output implies it).
             shard_rows: Rows per shard, a multiple of the batch size (chosen from the output
-                size when None: about 1/64 of the output, 1 to 64 MiB a shard).
+                size when None: about 1/64 of the output, 4 to 64 MiB a shard).
             progress: Called with ``(rows_done, rows_total)`` after each batch.
 
         Raises:

@@ -46,14 +46,17 @@ MANIFEST_FORMAT = "onnxpress-run/1"
 #: When the caller does not choose ``shard_rows``, a run's output is cut into about this many
 #: shards, each between the two sizes below. The last shard is written and synced after the
 #: last batch, with nothing left to overlap it, so it should be a small part of the run; the
-#: others are written while the next batches compute.
+#: others are written while the next batches compute. Each shard costs two file creations,
+#: four fsyncs and a manifest rewrite besides its bytes (about 1.5 ms of CPU here), which a
+#: model doing little work per output byte notices: 4 MiB shards cut the runner's overhead
+#: on a 1 GB input with 16 MiB of outputs from +33 % to +20 % against 1 MiB ones.
 SHARDS_PER_RUN = 64
-MIN_SHARD_BYTES = 1024**2
+MIN_SHARD_BYTES = 4 * 1024**2
 MAX_SHARD_BYTES = 64 * 1024**2
 
 
 def default_shard_rows(row_bytes: int, total_rows: int, batch_size: int) -> int:
-    """Rows per shard: about ``1/SHARDS_PER_RUN`` of the output, whole batches, 1 to 64 MiB."""
+    """Rows per shard: about ``1/SHARDS_PER_RUN`` of the output, whole batches, 4 to 64 MiB."""
     target = min(MAX_SHARD_BYTES, max(MIN_SHARD_BYTES, row_bytes * total_rows // SHARDS_PER_RUN))
     return batch_size * max(1, target // max(1, row_bytes * batch_size))
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
