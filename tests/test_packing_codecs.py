@@ -78,3 +78,18 @@ def test_bad_level_and_params_are_refused() -> None:
         codecs.encode(b"abcd", 1, level=23)
     with pytest.raises(codecs.CodecError, match="width"):
         codecs.decode(codecs.CODEC_BYTEGROUP, b"", 6, {"width": 4})
+
+
+def test_decoding_into_a_buffer_checks_like_decoding_to_bytes(rng: np.random.Generator) -> None:
+    """The in-place decoder (chunks of large tensors) refuses what :func:`codecs.decode` refuses."""
+    values = rng.integers(-60, 60, 5000, dtype=np.int8).tobytes()
+    frame = codecs.encode(values, 1, codecs=(codecs.CODEC_ZSTD,)).data
+    out = np.full(len(values), 7, dtype=np.uint8)
+    codecs.decode_frame_into(frame, out)
+    assert out.tobytes() == values
+    second = codecs.encode(b"x" * 10, 1, codecs=(codecs.CODEC_ZSTD,)).data
+    for broken in (frame[: len(frame) // 2], frame[:-1], frame + b"\0", frame + second):
+        with pytest.raises(codecs.CodecError):
+            codecs.decode_frame_into(broken, np.empty(len(values), dtype=np.uint8))
+    with pytest.raises(codecs.CodecError, match="expected"):
+        codecs.decode_frame_into(frame, np.empty(len(values) + 1, dtype=np.uint8))

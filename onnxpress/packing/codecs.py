@@ -153,6 +153,32 @@ def decode_frame(frame: bytes | memoryview, size: int) -> bytes:
     return out
 
 
+def decode_frame_into(frame: bytes | memoryview, out: np.ndarray) -> None:
+    """Decodes one zstd frame straight into ``out`` (a writable uint8 array of its exact size).
+
+    The same checks as :func:`decode_frame`, without the intermediate ``bytes`` object and
+    its copy: multi-chunk tensors are decoded into their slices of the tensor's buffer.
+    """
+    size = out.nbytes
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"not a zstd frame: {exc}") from exc
+    if declared != size:
+        raise CodecError(f"zstd frame declares {declared} bytes, expected {size}")
+    target = memoryview(out).cast("B")
+    try:
+        with _decompressor().stream_reader(frame, read_across_frames=True) as reader:
+            filled = 0
+            while filled < size and (got := reader.readinto(target[filled:])):
+                filled += got
+            extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"corrupt zstd frame: {exc}") from exc
+    if filled != size or extra:
+        raise CodecError(f"zstd frame decoded to {filled if not extra else 'more than ' + str(size)} bytes, expected {size}")
+
+
 class _Reader:
     """Reads consecutive segments from a coded stream, checking every length."""
 

@@ -288,11 +288,15 @@ class PackedModel:
         chunk = entry.chunks[chunk_index]
         coded_start = sum(c.coded_size for c in entry.chunks[:chunk_index])
         view = self._member_view(entry.member, what)
+        raw_start = sum(c.raw_size for c in entry.chunks[:chunk_index])
+        target = None if out is None else out[raw_start : raw_start + chunk.raw_size]
         try:
-            raw = codecs.decode_array(
-                chunk.codec, view[coded_start : coded_start + chunk.coded_size],
-                chunk.raw_size, chunk.params,
-            )
+            coded = view[coded_start : coded_start + chunk.coded_size]
+            if target is not None and chunk.codec == codecs.CODEC_ZSTD:
+                codecs.decode_frame_into(coded, target)  # no intermediate bytes, no copy
+                raw = target
+            else:
+                raw = codecs.decode_array(chunk.codec, coded, chunk.raw_size, chunk.params)
         except codecs.CodecError as exc:
             where = f", chunk {chunk_index}" if len(entry.chunks) > 1 else ""
             raise InputError(
@@ -302,11 +306,11 @@ class PackedModel:
             view.release()
         if verify:
             self._check_chunk(index, chunk_index, raw)
-        if out is None:
+        if target is None:
             return raw
-        raw_start = sum(c.raw_size for c in entry.chunks[:chunk_index])
-        out[raw_start : raw_start + chunk.raw_size] = np.frombuffer(raw, dtype=np.uint8)
-        return out
+        if raw is not target:
+            target[:] = np.frombuffer(raw, dtype=np.uint8)
+        return out  # type: ignore[return-value]
 
     def _check_chunk(self, index: int, chunk_index: int, raw: np.ndarray | bytes | memoryview) -> None:
         """Compares one decoded chunk's sha256 with the manifest; the error names the tensor."""
