@@ -358,3 +358,30 @@ def test_manifest_digests_are_the_files_on_disk(tmp_path: Path, rng: np.random.G
     parts = list(iter_shards(out, verify=True))
     np.testing.assert_array_equal(np.concatenate([p["y"] for p in parts]), expected[0])
     np.testing.assert_array_equal(np.concatenate([p["z"] for p in parts]), expected[1])
+
+
+def test_default_shards_cut_the_final_stretch_into_quarters_and_resume_identically(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Default sizing: the last shard_rows rows go out as quarter shards (a small last write)."""
+    import onnxpress.runtime.shards as shards
+
+    monkeypatch.setattr(shards, "MIN_SHARD_BYTES", 288 * 64)  # 64 rows of the chain model's 72 floats
+    model = save(chain_model(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", x=rng.standard_normal((500, 64)).astype(np.float32))
+    runner = BatchRunner(model, batch_size=8)
+    runner.run(tmp_path / "in.npz", tmp_path / "ref")
+    manifest = read_manifest(tmp_path / "ref")
+    assert (manifest["shard_rows"], manifest["tail_rows"]) == (64, 16)
+    assert [s["stop"] - s["start"] for s in manifest["shards"]] == [64] * 7 + [16, 16, 16, 4]
+    for stop_at in (200, 470):  # before the final stretch, and inside it
+
+        def interrupt(done: int, total: int, stop_at: int = stop_at) -> None:
+            if done >= stop_at:
+                raise KeyboardInterrupt
+
+        out = tmp_path / f"out{stop_at}"
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(tmp_path / "in.npz", out, progress=interrupt)
+        assert runner.run(tmp_path / "in.npz", out, resume=True).resumed_from > 0
+        assert read_manifest(out)["shards"] == manifest["shards"]
