@@ -112,6 +112,10 @@ def render_html(report: ValidationReport) -> str:
     out.append('<h2>Outputs</h2><table id="outputs"><tr><th>output</th><th>max abs</th><th>mean abs</th>'
                "<th>rel L2</th><th>mean cosine</th><th>min cosine</th><th>top-1 agreement</th><th>SQNR dB</th></tr>")
     for name, m in report.outputs.items():
+        if m.shape_mismatch:
+            out.append(f'<tr><td>{_esc(name)}</td><td colspan="7" class="fail">shapes differ: '
+                       f"{_esc(m.shape_mismatch)}</td></tr>")
+            continue
         top1 = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2f}%"
         out.append(f"<tr><td>{_esc(name)}</td><td>{_fmt(m.max_abs_error)}</td><td>{_fmt(m.mean_abs_error)}</td>"
                    f"<td>{_fmt(m.rel_l2_error)}</td><td>{m.mean_cosine:.6f}</td><td>{m.min_cosine:.6f}</td>"

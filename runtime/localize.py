@@ -76,6 +76,10 @@ def DEQUANTIZED_NAMES(name: str) -> tuple[str, ...]:  # noqa: N802 - reads as a 
     return (f"{name}_DequantizeLinear_Output", f"{name}_dequantized", name)
 
 
+class NoSharedValuesError(InputError):
+    """The reference and the candidate share no intermediate value, so no node can be judged."""
+
+
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
 
@@ -394,7 +398,8 @@ def localize(
         ``added_error`` first.
 
     Raises:
-        InputError: The models share no intermediate value, or no batch was given.
+        NoSharedValuesError: The models share no intermediate value (an InputError).
+        InputError: No batch was given.
     """
     ref_model, _ = _as_model(reference)
     cand_model, _ = _as_model(candidate)
@@ -403,7 +408,7 @@ def localize(
             infer_shapes(model)
     pairs = shared_values(ref_model, cand_model, value_map)
     if not pairs:
-        raise InputError(
+        raise NoSharedValuesError(
             "the reference and the candidate share no intermediate value (same name, '<name>_DequantizeLinear_Output', "
             "'<name>_dequantized', or value_map); cannot localize the error"
         )

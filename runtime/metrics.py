@@ -7,10 +7,19 @@ numbers per output plus one cosine per sample. With reference ``r`` and candidat
 * max / mean absolute error: :math:`\max |r - c|`, :math:`\frac{1}{n}\sum |r - c|` over all elements;
 * relative L2 error: :math:`\lVert r - c \rVert_2 / \lVert r \rVert_2` over the whole output;
 * cosine per sample: :math:`\frac{r \cdot c}{\lVert r \rVert \lVert c \rVert}` (1 when both are
-  zero; 0 when one is); mean and minimum over samples;
+  zero; 0 when one is); mean and minimum over samples. An output with one value per sample
+  (``[N]``, ``[N, 1]``, a scalar per batch) has no per-sample direction (the cosine of two
+  numbers is only their sign agreement, -1 for ``1e-7`` against ``-1e-7``), so its cosine is
+  taken once over all samples (the column of values is the vector), and mean and minimum are
+  that one value;
 * top-1 agreement (outputs that hold class scores, ``[N, C]``): the share of samples whose
   arg-max is the same;
 * SQNR (used by localization): :math:`10 \log_{10} \frac{\sum r^2}{\sum (r - c)^2}` dB.
+
+Non-finite values: an element where both outputs hold the same infinity, or both NaN, is an
+exact match (a ``Log`` of zero in both models is not an error); any other element with a
+non-finite value on either side is counted in ``nonfinite`` (the verdict fails on it) and left
+out of the sums, so the other metrics stay numbers.
 
 The absolute-error histogram uses fixed logarithmic bins (``1e-10`` to ``1e4``), so it streams
 and two reports are comparable.
@@ -74,6 +83,14 @@ def holds_class_scores(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bo
     )
 
 
+def _cosines(dot: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
+    """``dot / sqrt(rr * cc)`` per row: 1 where both vectors are zero, 0 where only one is."""
+    norms = np.sqrt(rr * cc)
+    safe = np.where(norms > 0, norms, 1.0)
+    cos = np.where(norms > 0, dot / safe, np.where((rr == 0) & (cc == 0), 1.0, 0.0))
+    return np.clip(cos, -1.0, 1.0)
+
+
 def sqnr_db(signal: float, noise: float) -> float:
     """``10 log10(signal / noise)``, capped at :data:`MAX_SQNR_DB` (no noise)."""
     if noise <= 0.0 or not math.isfinite(noise):
@@ -99,6 +116,8 @@ class OutputMetrics:
     nonfinite: int = 0
     shape_mismatch: str = ""
     cosines: list[np.ndarray] = field(default_factory=list, repr=False)
+    #: One value per sample: the cosine is taken over all samples from these sums (r.c, r.r, c.c).
+    column_sums: np.ndarray | None = field(default=None, repr=False)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(HISTOGRAM_EDGES), dtype=np.int64), repr=False)
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -115,10 +134,13 @@ class OutputMetrics:
         rows = len(reference) if reference.ndim else 1
         r = reference.astype(work, copy=False).reshape(rows, -1)
         c = candidate.astype(work, copy=False).reshape(rows, -1)
-        diff = r - c
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = r - c
         if not np.isfinite(diff).all():  # rare: count and zero the non-finite differences
             finite = np.isfinite(diff)
-            self.nonfinite += int(diff.size - np.count_nonzero(finite))
+            # the same infinity, or NaN, on both sides is an exact match, not an error
+            same = ~finite & ((r == c) | (np.isnan(r) & np.isnan(c)))
+            self.nonfinite += int(diff.size - np.count_nonzero(finite) - np.count_nonzero(same))
             diff = np.where(finite, diff, 0)
             r = np.where(np.isfinite(r), r, 0)
             c = np.where(np.isfinite(c), c, 0)
@@ -134,10 +156,11 @@ class OutputMetrics:
         dot = np.einsum("ij,ij->i", r, c, dtype=np.float64)
         self.sum_sq_reference += float(rr.sum())
         self.histogram += np.bincount(histogram_bins(abs_diff.reshape(-1)), minlength=len(HISTOGRAM_EDGES))
-        norms = np.sqrt(rr * cc)
-        safe = np.where(norms > 0, norms, 1.0)
-        cos = np.where(norms > 0, dot / safe, np.where((rr == 0) & (cc == 0), 1.0, 0.0))
-        self.cosines.append(np.clip(cos, -1.0, 1.0))
+        if r.shape[1] == 1:  # one value per sample: one cosine over the column (see the module docstring)
+            sums = np.array([dot.sum(), rr.sum(), cc.sum()])
+            self.column_sums = sums if self.column_sums is None else self.column_sums + sums
+        else:
+            self.cosines.append(_cosines(dot, rr, cc))
         if self.class_scores:
             self.top1_matches += int(np.count_nonzero(reference.argmax(axis=1) == candidate.argmax(axis=1)))
 
@@ -153,6 +176,10 @@ class OutputMetrics:
 
     @property
     def cosine_values(self) -> np.ndarray:
+        """The per-sample cosines (for a one-value-per-sample output, its one cosine over all samples)."""
+        if self.column_sums is not None:
+            dot, rr, cc = self.column_sums
+            return _cosines(np.array([dot]), np.array([rr]), np.array([cc]))
         return np.concatenate(self.cosines) if self.cosines else np.zeros(0)
 
     @property
@@ -175,14 +202,17 @@ class OutputMetrics:
         return sqnr_db(self.sum_sq_reference, self.sum_sq_error)
 
     def to_dict(self) -> dict[str, Any]:
+        """The metrics as JSON values; None for each metric of an output whose shapes differ
+        (nothing comparable was measured: zeros there would read as a perfect match)."""
+        valid = not self.shape_mismatch
         return {
-            "max_abs_error": self.max_abs_error,
-            "mean_abs_error": self.mean_abs_error,
-            "rel_l2_error": self.rel_l2_error,
-            "mean_cosine": self.mean_cosine,
-            "min_cosine": self.min_cosine,
-            "top1_agreement": self.top1_agreement,
-            "sqnr_db": self.sqnr_db,
+            "max_abs_error": self.max_abs_error if valid else None,
+            "mean_abs_error": self.mean_abs_error if valid else None,
+            "rel_l2_error": self.rel_l2_error if valid else None,
+            "mean_cosine": self.mean_cosine if valid else None,
+            "min_cosine": self.min_cosine if valid else None,
+            "top1_agreement": self.top1_agreement if valid else None,
+            "sqnr_db": self.sqnr_db if valid else None,
             "samples": self.samples,
             "nonfinite_differences": self.nonfinite,
             "shape_mismatch": self.shape_mismatch or None,

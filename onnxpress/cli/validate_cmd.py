@@ -77,7 +77,7 @@ def parse_dims(items: list[str]) -> dict[str, int]:
     dims = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name or not value.strip().isdigit():
+        if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
             raise InputError(f"--dim {item}: expected NAME=VALUE with a positive integer, e.g. --dim seq=128")
         dims[name.strip()] = int(value)
     return dims
