@@ -469,13 +469,15 @@ def _run_checked(
         # a short last batch of a fixed-batch model is padded here, not in the runner, so that an
         # output without a first axis of samples (a scalar) is kept whole, not sliced
         outputs = runner.run_batch(_pad_rows(dict(feeds), fixed) if fixed and rows < fixed else feeds)
-    except _ORT_ERRORS as exc:
+    except (*_ORT_ERRORS, InputError) as exc:  # the runner may already say it as an InputError
         reason = " ".join(str(exc).split())
+        if not isinstance(exc, InputError):
+            reason = f"onnxruntime cannot run the model: {reason}"
         hint = ""
         if data_label == "random":
             hint = ("; the inputs are random (integers drawn from [0, 100), floats standard normal), which this model "
                     "does not accept: pass --data with real inputs (--dim sets sizes of named dimensions)")
-        raise InputError(f"{label} {runner.model_path}: onnxruntime failed on samples {lo}-{hi}: {reason}{hint}") from exc
+        raise InputError(f"{label} {runner.model_path}: samples {lo}-{hi}: {reason}{hint}") from exc
     for name, value in outputs.items():
         if not isinstance(value, np.ndarray):
             raise InputError(f"{label} {runner.model_path}: output {name!r} is a {type(value).__name__}, not a "
