@@ -34,7 +34,8 @@ from onnxpress import __version__
 from onnxpress.errors import InputError, RecipeError
 from onnxpress.report import format_table, human_bytes, write_json
 from onnxpress.runtime.data import ArraySource, InputSource, iter_slices, open_source
-from onnxpress.runtime.localize import NodeError, NoSharedValuesError, localize as localize_nodes
+from onnxpress.runtime.localize import NodeError, NoSharedValuesError
+from onnxpress.runtime.localize import localize as localize_nodes
 from onnxpress.runtime.metrics import OutputMetrics, holds_class_scores
 from onnxpress.runtime.runner import ORT_DTYPES, BatchRunner, InputSpec
 from onnxpress.sessions import load_session

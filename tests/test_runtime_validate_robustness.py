@@ -21,8 +21,8 @@ from onnxpress.cli.validate_cmd import parse_dims
 from onnxpress.errors import InputError
 from onnxpress.runtime import Tolerances, validate
 from onnxpress.runtime.html_report import render_html
-from onnxpress.runtime.validate import random_inputs
 from onnxpress.runtime.runner import InputSpec
+from onnxpress.runtime.validate import random_inputs
 
 OPSET = '<ir_version: 8, opset_import: ["" : 18]>\n'
 
@@ -76,7 +76,7 @@ def test_same_infinity_or_nan_in_both_models_is_an_exact_match(tmp_path: Path, r
     assert s.max_abs_error == pytest.approx(np.abs(r[finite] - c[finite]).max(), rel=1e-6)
     assert all(math.isfinite(v) for v in (s.mean_abs_error, s.mean_cosine, s.min_cosine, s.rel_l2_error))
     assert report.outputs["y"].nonfinite == 0
-    status, out, err = cli(capsys, ref, cand, "--data", _npz(tmp_path, x=x), "--report", tmp_path / "r.json")
+    status, _, err = cli(capsys, ref, cand, "--data", _npz(tmp_path, x=x), "--report", tmp_path / "r.json")
     assert status == 4 and "Traceback" not in err and "RuntimeWarning" not in err
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["outputs"]["s"]["nonfinite_differences"] == s.nonfinite and data["outputs"]["y"]["max_abs_error"] == 0
@@ -134,7 +134,7 @@ def test_outputs_whose_shape_varies_between_batches(tmp_path: Path, rng: np.rand
     x[x == 0] = 1
     same = validate(ref, ref, data={"x": x}, batch_size=8, measure_speed=False)
     assert same.passed and same.outputs["idx"].max_abs_error == 0
-    status, out, err = cli(capsys, ref, cand, "--data", _npz(tmp_path, x=x), "--batch-size", "8",
+    status, out, _ = cli(capsys, ref, cand, "--data", _npz(tmp_path, x=x), "--batch-size", "8",
                            "--report", tmp_path / "r.json", "--html", tmp_path / "r.html")
     assert status == 4 and "shapes differ" in out
     data = json.loads((tmp_path / "r.json").read_text())
@@ -232,7 +232,7 @@ def test_localize_a_fixed_batch_model_on_fewer_rows_than_its_batch(tmp_path: Pat
     cand = save(tmp_path, "cand.onnx", text, w1=w1, w2=(w2 * 1.1).astype(np.float32))
     x = rng.standard_normal((3, 8)).astype(np.float32)
     report = validate(ref, cand, data={"x": x}, localize=True, measure_speed=False)
-    assert report.samples == 3 and [e.output for e in report.localization][0] == "logits"
+    assert report.samples == 3 and report.localization[0].output == "logits"
     assert report.localization[0].added_error == pytest.approx(0.01, rel=1e-3)  # (1.1 - 1)^2 of the signal power
 
 
