@@ -271,9 +271,16 @@ def _stored_member(path: Path, handle: IO[bytes], info: zipfile.ZipInfo) -> _Row
 
 
 class NpzSource:
-    """An ``.npz`` archive: stored members read in place by rows, deflated members streamed."""
+    """An ``.npz`` archive: stored members read in place by rows, deflated members streamed.
 
-    def __init__(self, path: Path) -> None:
+    Args:
+        path: The archive.
+        only: The arrays that will be read (a model's inputs); the others are ignored even
+            when they are not readable as rows (a scalar, Python objects, another length).
+            None reads every array.
+    """
+
+    def __init__(self, path: Path, only: Sequence[str] | None = None) -> None:
         self.path = path
         try:
             self._archive = zipfile.ZipFile(path)
@@ -286,6 +293,8 @@ class NpzSource:
             if not info.filename.endswith(".npy"):
                 continue
             name = info.filename[: -len(".npy")]
+            if only is not None and name not in only:
+                continue  # an array the model does not take (labels, metadata): never read
             try:
                 if info.compress_type == zipfile.ZIP_STORED:
                     self._mapped[name] = _stored_member(path, self._handle, info)
@@ -293,8 +302,15 @@ class NpzSource:
                     self._streamed[name] = _StreamedMember(self._archive, info)
             except ValueError as exc:
                 raise InputError(f"{path}: member {info.filename!r} is not a .npy array: {exc}") from exc
+            except InputError as exc:
+                if str(exc).startswith(str(path)):
+                    raise
+                raise InputError(f"{path}: {exc}") from exc
         shapes = {n: tuple(a.shape) for n, a in self._mapped.items()}
         shapes |= {n: m.shape for n, m in self._streamed.items()}
+        if not shapes and only is not None:
+            names = sorted(i.filename[: -len(".npy")] for i in self._archive.infolist() if i.filename.endswith(".npy"))
+            raise InputError(f"{path}: holds no array named like the model's inputs ({', '.join(only)}); it holds {names}")
         self.num_rows = _check_rows(path, shapes)
         self.specs = {n: ArraySpec(a.dtype, tuple(a.shape[1:])) for n, a in self._mapped.items()}
         self.specs |= {n: ArraySpec(m.dtype, m.shape[1:]) for n, m in self._streamed.items()}
@@ -321,9 +337,15 @@ class NpzSource:
 
 
 class ParquetSource:
-    """A Parquet file; each column is one input, a cell one row (a scalar or nested list)."""
+    """A Parquet file; each column is one input, a cell one row (a scalar or nested list).
 
-    def __init__(self, path: Path) -> None:
+    Args:
+        path: The file.
+        only: The columns that will be read (a model's inputs); the others (ids, text) are
+            never read. None reads every column.
+    """
+
+    def __init__(self, path: Path, only: Sequence[str] | None = None) -> None:
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
@@ -340,16 +362,28 @@ class ParquetSource:
         self._group_starts = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
         self._cache: tuple[int, dict[str, np.ndarray]] | None = None
         names = self._file.schema_arrow.names
+        self._columns = [n for n in names if only is None or n in only]
         if self.num_rows == 0:
             raise InputError(f"{path}: the Parquet file has no rows")
-        first = self._group(0)
-        self.specs = {n: ArraySpec(first[n].dtype, tuple(first[n].shape[1:])) for n in names}
+        if not self._columns:
+            raise InputError(f"{path}: holds no column named like the model's inputs ({', '.join(only or ())}); "
+                             f"it holds {names}")
+        self.specs: dict[str, ArraySpec] = {}
+        first = self._group(next(i for i in range(meta.num_row_groups) if meta.row_group(i).num_rows))
+        self.specs = {n: ArraySpec(first[n].dtype, tuple(first[n].shape[1:])) for n in self._columns}
 
     def _group(self, index: int) -> dict[str, np.ndarray]:
         if self._cache is not None and self._cache[0] == index:
             return self._cache[1]
-        table = self._file.read_row_group(index)
+        table = self._file.read_row_group(index, columns=self._columns)
         arrays = {name: _column_to_numpy(self.path, name, table.column(name)) for name in table.column_names}
+        for name, array in arrays.items():  # the first row group fixed the specs; later ones must agree
+            spec = self.specs.get(name)
+            if spec is not None and len(array) and (array.dtype != spec.dtype or array.shape[1:] != spec.row_shape):
+                raise InputError(
+                    f"{self.path}: column {name!r} has rows of {array.dtype}{list(array.shape[1:])} in row group "
+                    f"{index} but {spec.dtype}{list(spec.row_shape)} in the first; every row must have the same shape"
+                )
         self._cache = (index, arrays)
         return arrays
 
@@ -408,12 +442,12 @@ def _column_to_numpy(path: Path, name: str, column: Any) -> np.ndarray:
 class FolderSource:
     """Every ``.npz``/``.npy``/``.parquet`` file of a folder, in name order, one after another."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, only: Sequence[str] | None = None) -> None:
         self.path = path
         files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy", ".parquet") and p.is_file())
         if not files:
             raise InputError(f"{path}: the folder holds no .npz, .npy or .parquet shards")
-        self._parts = [open_file(f) for f in files]
+        self._parts = [open_file(f, only) for f in files]
         first = self._parts[0]
         for part in self._parts[1:]:
             if set(part.specs) != set(first.specs):
@@ -458,24 +492,29 @@ class FolderSource:
             part.close()
 
 
-def open_file(path: Path) -> InputSource:
-    """A source for one file, chosen by its suffix."""
+def open_file(path: Path, only: Sequence[str] | None = None) -> InputSource:
+    """A source for one file, chosen by its suffix (``only``: the arrays to read; see :class:`NpzSource`)."""
     if path.suffix == ".npy":
         return NpySource(path)
     if path.suffix == ".npz":
-        return NpzSource(path)
+        return NpzSource(path, only)
     if path.suffix in (".parquet", ".pq"):
-        return ParquetSource(path)
+        return ParquetSource(path, only)
     raise InputError(f"{path}: unknown data format {path.suffix!r}; expected .npz, .npy, .parquet or a folder of them")
 
 
-def open_source(path: str | os.PathLike[str], input_names: Sequence[str] = ()) -> InputSource:
+def open_source(
+    path: str | os.PathLike[str], input_names: Sequence[str] = (), *, only: Sequence[str] | None = None
+) -> InputSource:
     """Opens input data for reading in slices.
 
     Args:
         path: An ``.npz``, ``.npy`` or ``.parquet`` file, or a folder of them.
         input_names: The model's input names; a ``.npy`` file (which has no names) takes the
             single one.
+        only: Read only these arrays or columns (a model's inputs): the others are never
+            opened, so a label array of another length, a scalar, or a text column does not
+            stop a run. None (the default) opens all of them (a validation also reads labels).
 
     Raises:
         InputError: The path is missing, unreadable, of an unknown format, or its arrays
@@ -484,7 +523,8 @@ def open_source(path: str | os.PathLike[str], input_names: Sequence[str] = ()) -
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such data file or folder")
-    source = FolderSource(path) if path.is_dir() else open_file(path)
+    only = list(only) if only is not None else None
+    source = FolderSource(path, only) if path.is_dir() else open_file(path, only)
     if isinstance(source, (NpySource, FolderSource)) and "" in source.specs:
         if len(input_names) != 1:
             raise InputError(

@@ -85,6 +85,31 @@ def input_specs(session: ort.InferenceSession) -> list[InputSpec]:
     return specs
 
 
+def output_specs(session: ort.InferenceSession) -> list[InputSpec]:
+    """The session's outputs as :class:`InputSpec`, refusing any that is not a numeric tensor.
+
+    Raises:
+        InputError: An output is a string tensor, a sequence, a map or an optional, which the
+            shard formats cannot hold; or it is declared as a scalar (no axis of samples).
+    """
+    specs = []
+    for arg in session.get_outputs():
+        dtype = ORT_DTYPES.get(arg.type)
+        if dtype is None:
+            raise InputError(
+                f"output {arg.name!r} has type {arg.type}; batch inference writes numeric tensors "
+                f"({', '.join(t[7:-1] for t in ORT_DTYPES)})"
+            )
+        dims = tuple(d if isinstance(d, str) or (isinstance(d, int) and d >= 0) else None for d in arg.shape)
+        if arg.shape is not None and len(arg.shape) == 0:
+            raise InputError(
+                f"output {arg.name!r} is a scalar (rank 0); batch inference needs every output to have "
+                "a first axis of samples"
+            )
+        specs.append(InputSpec(arg.name, dtype, dims))
+    return specs
+
+
 def check_source(
     specs: Sequence[InputSpec], source_specs: Mapping[str, Any], where: str, *, casting: str = "safe"
 ) -> dict[str, int]:
@@ -114,6 +139,11 @@ def check_source(
     bound: dict[str, tuple[int, str]] = {}
     for spec in specs:
         data = source_specs[spec.name]
+        if not spec.dims:
+            raise InputError(
+                f"{where}: the model's input {spec.name!r} is a scalar ({spec.describe()}), which cannot be "
+                "fed a batch of rows; batch inference needs every input to have a first axis of samples"
+            )
         if data.dtype != spec.dtype and not np.can_cast(data.dtype, spec.dtype, casting):
             raise InputError(
                 f"{where}: input {spec.name!r} is {data.dtype}, but the model expects {spec.dtype} "
@@ -142,16 +172,39 @@ def check_source(
     return {k: v for k, (v, _) in bound.items()}
 
 
-def _check_outputs(outputs: Mapping[str, Any], rows: int) -> None:
-    """Every output must be an array with one row per input row (a first axis of samples)."""
+def _check_outputs(
+    outputs: Mapping[str, Any], lo: int, hi: int, expected: Mapping[str, Mapping[str, Any]] | None = None
+) -> None:
+    """Every output must be an array with one row per input row, and rows alike in every batch.
+
+    Args:
+        outputs: One batch's outputs.
+        lo: The batch's first row.
+        hi: One past its last row.
+        expected: ``{name: {"dtype": str, "row_shape": list}}`` of the batches before (the
+            manifest's ``outputs``); None for the first batch.
+
+    Raises:
+        InputError: An output is not a tensor, has no first axis of ``hi - lo`` rows, or its
+            per-row shape or dtype differs from the batches before (a data-dependent shape,
+            e.g. NonZero or TopK with a computed k), which no shard can hold.
+    """
+    rows = hi - lo
     for name, value in outputs.items():
         shape = getattr(value, "shape", None)
         if shape is None:
             raise InputError(f"output {name!r} is a {type(value).__name__}, not a tensor; batch inference writes tensors")
         if not shape or shape[0] != rows:
             raise InputError(
-                f"output {name!r} has shape {list(shape)} for a batch of {rows} rows; batch inference needs "
-                "every output to have a first axis of samples"
+                f"output {name!r} has shape {list(shape)} for a batch of {rows} rows (rows {lo}-{hi}); batch "
+                "inference needs every output to have a first axis of samples"
+            )
+        want = expected.get(name) if expected else None
+        if want is not None and (list(shape[1:]) != list(want["row_shape"]) or str(value.dtype) != want["dtype"]):
+            raise InputError(
+                f"output {name!r} has rows of {value.dtype}{list(shape[1:])} in rows {lo}-{hi} but "
+                f"{want['dtype']}{list(want['row_shape'])} before; batch inference needs outputs whose "
+                "per-row shape does not depend on the data"
             )
 
 
@@ -206,14 +259,25 @@ class BatchRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._input_names = tuple(s.name for s in self.inputs)
         self._input_dtypes = tuple((s.name, s.dtype) for s in self.inputs)
-        fixed = {s.fixed_batch for s in self.inputs}
+        fixed = {s.fixed_batch for s in self.inputs} - {None}
+        if len(fixed) > 1:
+            listing = ", ".join(f"{s.name!r}: {s.describe()}" for s in self.inputs if s.fixed_batch is not None)
+            raise InputError(
+                f"{self.model_path}: the model's inputs fix different batch sizes ({listing}); batch inference "
+                "needs one first axis of samples"
+            )
         self.fixed_batch: int | None = None
-        if len(fixed) == 1 and (f := next(iter(fixed))) is not None:
+        if fixed:
+            # One input with a fixed first axis fixes the batch for all (the rows are fed together).
+            f = next(iter(fixed))
             self.fixed_batch = f
             if batch_size != f:
                 logger.warning("the model's batch size is fixed at %d; running batches of %d (not %d)", f, f, batch_size)
             batch_size = f
         self.batch_size = batch_size
+        # Errors are raised (and reported once, by the caller); onnxruntime's own log line would repeat them.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     @property
     def input_names(self) -> list[str]:
@@ -235,10 +299,39 @@ class BatchRunner:
             if pad:
                 widths = [(0, self.fixed_batch - rows)] + [(0, 0)] * (array.ndim - 1)  # type: ignore[operator]
                 prepared[name] = np.pad(array, widths, mode="edge")
-        outputs = self.session.run(self.output_names, prepared)
+        try:
+            outputs = self.session.run(self.output_names, prepared, self._run_options)
+        except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidArgument...)
+            message = " ".join(str(exc).split())
+            raise InputError(f"onnxruntime cannot run the model on a batch of {rows} rows: {message}") from exc
         if pad:
             outputs = [o[:rows] for o in outputs]
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def _check_declared_outputs(self) -> list[InputSpec]:
+        """Refuses outputs the shards cannot hold, and outputs declared without an axis of samples.
+
+        An output declared with a fixed first size other than the batch (``float[3, N]``, a
+        NonZero's ``int64[2, K]``) would be cut into rows that are not samples; an output whose
+        first axis has a name no input's batch axis has (``Range``'s ``int64[R]``) may be one
+        too, which only a warning can say.
+        """
+        specs = output_specs(self.session)
+        batch_names = {s.dims[0] for s in self.inputs if s.dims and isinstance(s.dims[0], str)}
+        for spec in specs:
+            first = spec.dims[0] if spec.dims else None
+            if isinstance(first, int) and first != self.fixed_batch:
+                batch = f"fixed at {self.fixed_batch}" if self.fixed_batch is not None else "dynamic"
+                raise InputError(
+                    f"{self.model_path}: output {spec.name!r} is declared {spec.describe()}, whose first axis is "
+                    f"not the samples (the batch is {batch}); batch inference needs every output to have a "
+                    "first axis of samples"
+                )
+            if isinstance(first, str) and batch_names and first not in batch_names:
+                logger.warning(
+                    "output %r is declared %s: its first axis %r is not the inputs' batch axis (%s); its rows are "
+                    "written as samples", spec.name, spec.describe(), first, ", ".join(sorted(batch_names)))
+        return specs
 
     def iter_outputs(
         self, source: InputSource, *, start: int = 0, stop: int | None = None
@@ -246,7 +339,12 @@ class BatchRunner:
         """Yields ``(start, stop, outputs)`` for each batch from row ``start`` on."""
         stop = source.num_rows if stop is None else min(stop, source.num_rows)
         for lo, hi in iter_slices(stop, self.batch_size, start):
-            yield lo, hi, self.run_batch(source.read(lo, hi, self._input_names))
+            feeds = source.read(lo, hi, self._input_names)
+            try:
+                outputs = self.run_batch(feeds)
+            except InputError as exc:
+                raise InputError(f"{source.path}: rows {lo}-{hi}: {exc}") from exc
+            yield lo, hi, outputs
 
     def run(
         self,
@@ -276,13 +374,19 @@ class BatchRunner:
             InputError: The data does not fit the model, or the output exists without
                 ``resume``/``force``, or a resumed output was started with other data or another model.
         """
-        source = data if not isinstance(data, (str, os.PathLike)) else open_source(data, self.input_names)
+        source = (data if not isinstance(data, (str, os.PathLike))
+                  else open_source(data, self.input_names, only=self.input_names))
         try:
             self.check(source)
+            self._check_declared_outputs()
+            if source.num_rows == 0:
+                raise InputError(f"{source.path}: holds no rows (0 samples); there is nothing to run")
             output = Path(output)
             single_parquet = output.suffix == ".parquet"
             folder = output.with_name(output.name + ".parts") if single_parquet else output
             fmt = "parquet" if single_parquet else output_format
+            if single_parquet and output.is_dir():
+                raise InputError(f"{output}: is a folder; an output ending in .parquet is one file (choose another name)")
             if single_parquet and output.exists() and not force:
                 raise InputError(f"{output}: the output already exists; pass --force to replace it")
             fingerprint = run_fingerprint(self.model_path, source.path, source.num_rows, self.batch_size)
@@ -296,12 +400,9 @@ class BatchRunner:
             began = time.perf_counter()
             if progress is not None:
                 progress(start_row, source.num_rows)
-            checked = False
             try:
                 for lo, hi, outputs in self.iter_outputs(source, start=start_row):
-                    if not checked:
-                        _check_outputs(outputs, hi - lo)
-                        checked = True
+                    _check_outputs(outputs, lo, hi, writer.manifest["outputs"] or None)
                     writer.add(outputs)
                     if progress is not None:
                         progress(hi, source.num_rows)

@@ -17,7 +17,8 @@ and ``shard_rows`` (and ``tail_rows``), which the manifest keeps. A resumed run 
 as an uninterrupted one.
 
 The manifest also records a fingerprint of the model and the input (path, size, modification
-time, and a hash of the model file's first MiB); resuming with a different model or input is
+time, and a hash of the model file's first MiB; the size and modification time of each
+external-data file the model names); resuming with a different model or input is
 refused instead of mixing outputs of two runs.
 """
 
@@ -80,9 +81,45 @@ def _file_fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_first_mib": head}
 
 
+#: Models up to this size are parsed (without their weights) to find their external-data files.
+_EXTERNAL_SCAN_BYTES = 256 * 1024**2
+
+
+def _external_data_fingerprint(model: Path) -> list[list[Any]]:
+    """``[name, bytes, mtime_ns]`` of each external-data file an ``.onnx`` model names.
+
+    The weights of such a model live beside it, so a resumed run must check them too: the
+    model file alone can stay the same while its ``.onnx.data`` is replaced. The graph is
+    parsed without its weights; packed and very large files are not scanned.
+    """
+    if model.suffix != ".onnx" or not model.is_file() or model.stat().st_size > _EXTERNAL_SCAN_BYTES:
+        return []
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+        proto = onnx.load(model, load_external_data=False)
+    except Exception:  # noqa: BLE001 - not parseable here (onnxruntime has already loaded it): no extra check
+        return []
+    locations = sorted({
+        entry.value for tensor in _get_all_tensors(proto) if uses_external_data(tensor)
+        for entry in tensor.external_data if entry.key == "location"
+    })
+    out = []
+    for location in locations:
+        path = model.parent / location
+        stat = path.stat() if path.is_file() else None
+        out.append([location, stat.st_size if stat else None, stat.st_mtime_ns if stat else None])
+    return out
+
+
 def run_fingerprint(model: Path, data: Path, rows: int, batch_size: int) -> dict[str, Any]:
-    """What a resumed run must match: the model file, the input, its rows and the batch size."""
-    return {"model": _file_fingerprint(model), "input": _file_fingerprint(data), "rows": rows, "batch_size": batch_size}
+    """What a resumed run must match: the model file (and its external data), the input, its rows and the batch size."""
+    model_print = _file_fingerprint(model)
+    external = _external_data_fingerprint(model)
+    if external:
+        model_print["external_data"] = external
+    return {"model": model_print, "input": _file_fingerprint(data), "rows": rows, "batch_size": batch_size}
 
 
 class _HashingWriter:
