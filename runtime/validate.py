@@ -85,6 +85,13 @@ class Tolerances:
     min_speedup: float | None = None
     max_size_ratio: float | None = None
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or math.isnan(value)):
+                raise InputError(f"tolerance {f.name}: expected a number or None, got {value!r}")
+
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "tolerances") -> Tolerances:
         """Builds tolerances from a mapping (a recipe's ``validate:`` section), keys as the fields.
@@ -98,7 +105,8 @@ class Tolerances:
             key = str(key).replace("-", "_")
             if key not in names:
                 raise RecipeError(f"{source}.{key}: unknown tolerance; known: {', '.join(sorted(names))}")
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or math.isnan(value)):
                 raise RecipeError(f"{source}.{key}: expected a number or null, got {value!r}")
             values[key] = None if value is None else float(value)
         return cls(**values)
@@ -636,6 +644,11 @@ def validate(
     if speed_repeats < 1 or localize_batches < 1:
         raise InputError("speed repeats and localization batches must be at least 1")
     tolerances = tolerances or Tolerances()
+    if tolerances.min_speedup is not None and not measure_speed:
+        raise InputError(
+            f"a minimum speedup ({tolerances.min_speedup:g}) is a check, but the models are not timed "
+            "(--no-speed / measure_speed=False): time them, or switch the check off (--min-speedup none)"
+        )
     warnings: list[str] = []
     # The comparison runs both models at once, each on half the cores (see compare_threads).
     half = compare_threads(threads)

@@ -281,3 +281,25 @@ def test_data_errors_name_the_model_they_are_about(tmp_path: Path, rng: np.rando
     report = validate(ref, cand, data={"x": np.ones((2, 8), np.float32), "inp": np.ones((2, 8), np.float32)},
                       measure_speed=False, tolerances=Tolerances(max_abs_error=0.0))
     assert report.passed
+
+
+def test_report_paths_and_tolerances_are_checked_before_the_models_run(
+        tmp_path: Path, rng: np.random.Generator, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: --report in a missing folder, or --html naming a folder, raised FileNotFoundError /
+    IsADirectoryError (tracebacks) after the whole comparison; --min-cosine nan failed every
+    check; --min-speedup with --no-speed failed the verdict on a speed never measured."""
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    model = save(tmp_path, "m.onnx", "g (float[N, 8] x) => (float[N, 4] y) { y = MatMul(x, w) }", w=w)
+    data = _npz(tmp_path, x=rng.standard_normal((10, 8)).astype(np.float32))
+    status, out, err = cli(capsys, model, model, "--data", data, "--report", tmp_path / "missing" / "r.json")
+    assert status == 2 and "--report" in err and "does not exist" in err and not out
+    status, out, err = cli(capsys, model, model, "--data", data, "--html", tmp_path)
+    assert status == 2 and "--html" in err and "is a folder" in err and not out
+    with pytest.raises(SystemExit):
+        cli(capsys, model, model, "--data", data, "--min-cosine", "nan")
+    assert "expected a number or 'none'" in capsys.readouterr().err
+    with pytest.raises(InputError, match="tolerance min_cosine"):
+        Tolerances(min_cosine=float("nan"))
+    status, _, err = cli(capsys, model, model, "--data", data, "--min-speedup", "0.5")
+    assert status == 2 and "not timed" in err and "--min-speedup none" in err
+    assert cli(capsys, model, model, "--data", data, "--min-speedup", "none")[0] == 0

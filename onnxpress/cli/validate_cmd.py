@@ -63,9 +63,27 @@ def _number_or_none(text: str) -> float | None:
     if text.lower() in ("none", "off", "null"):
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from exc
+    if value != value:  # NaN: every comparison with it fails, so the check could never pass
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}")
+    return value
+
+
+def _check_writable(flag: str, path: str | None) -> None:
+    """Refuses an output path that cannot be written before the models run (not after).
+
+    Raises:
+        InputError: The path is a folder, or its folder does not exist.
+    """
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise InputError(f"{flag} {path}: is a folder; expected a file name to write")
+    if not target.parent.is_dir():
+        raise InputError(f"{flag} {path}: the folder {target.parent} does not exist")
 
 
 def parse_dims(items: list[str]) -> dict[str, int]:
@@ -101,6 +119,8 @@ def tolerances_from(args: argparse.Namespace) -> Tolerances:
 
 def run(args: argparse.Namespace) -> int:
     tolerances = tolerances_from(args)
+    _check_writable("--report", args.report)
+    _check_writable("--html", args.html)
     bar = tqdm(unit="sample", unit_scale=True, dynamic_ncols=True, disable=args.no_progress or None, leave=False)
 
     def progress(done: int, total: int) -> None:
@@ -118,12 +138,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(report.summary())
-    if args.report:
-        report.write_json(args.report)
-        print(f"\nwrote {args.report}")
-    if args.html:
-        from onnxpress.runtime.html_report import write_html
+    try:
+        if args.report:
+            report.write_json(args.report)
+            print(f"\nwrote {args.report}")
+        if args.html:
+            from onnxpress.runtime.html_report import write_html
 
-        write_html(report, Path(args.html))
-        print(f"wrote {args.html}")
+            write_html(report, Path(args.html))
+            print(f"wrote {args.html}")
+    except OSError as exc:
+        raise InputError(f"cannot write the report: {exc}") from exc
     return 0 if report.passed else EXIT_VALIDATION_FAILED
