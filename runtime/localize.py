@@ -307,6 +307,30 @@ def _isolated_session(model: ir.Model, names: list[str], workdir: Path) -> tuple
     return session, feeds
 
 
+def _node_inputs(node: ir.Node) -> list[ir.Value | None]:
+    """The node's inputs, and the values of its graph that its subgraphs (If/Loop/Scan bodies) read.
+
+    A branch reads the values around it by name, not through the node's inputs; they are inputs
+    of the node all the same (the If's output depends on them).
+    """
+    found: list[ir.Value | None] = list(node.inputs)
+    seen = {id(v) for v in found if v is not None}
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.value)
+        else:
+            continue
+        for graph in graphs:
+            for inner in ir.traversal.RecursiveGraphIterator(graph):
+                for value in inner.inputs:
+                    if value is not None and value.graph is node.graph and id(value) not in seen:
+                        seen.add(id(value))
+                        found.append(value)
+    return found
+
+
 def _span(node: ir.Node, shared: set[str]) -> tuple[str, ...]:
     """Names of ``node`` and the nodes above it that compute values no shared value covers."""
     found: list[ir.Node] = []
@@ -318,7 +342,7 @@ def _span(node: ir.Node, shared: set[str]) -> tuple[str, ...]:
             continue
         seen.add(id(current))
         found.append(current)
-        for value in current.inputs:
+        for value in _node_inputs(current):
             if value is None or value.name in shared or value.is_graph_input() or constant_value(value) is not None:
                 continue
             producer = value.producer()
@@ -331,7 +355,7 @@ def _span(node: ir.Node, shared: set[str]) -> tuple[str, ...]:
 def _upstream_shared(node: ir.Node, shared: set[str], cache: dict[str, list[str]]) -> list[str]:
     """For each non-constant input of ``node``: itself when shared, else the nearest shared values above it."""
     found: list[str] = []
-    for value in node.inputs:
+    for value in _node_inputs(node):
         if value is None or constant_value(value) is not None:
             continue
         found.extend(_nearest_shared(value, shared, cache))

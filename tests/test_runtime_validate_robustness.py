@@ -19,7 +19,7 @@ from conftest import parse, run_ort
 from onnxpress.cli import main
 from onnxpress.cli.validate_cmd import parse_dims
 from onnxpress.errors import InputError
-from onnxpress.runtime import Tolerances, validate
+from onnxpress.runtime import Tolerances, localize, validate
 from onnxpress.runtime.html_report import render_html
 from onnxpress.runtime.runner import InputSpec
 from onnxpress.runtime.validate import random_inputs
@@ -303,3 +303,21 @@ def test_report_paths_and_tolerances_are_checked_before_the_models_run(
     status, _, err = cli(capsys, model, model, "--data", data, "--min-speedup", "0.5")
     assert status == 2 and "not timed" in err and "--min-speedup none" in err
     assert cli(capsys, model, model, "--data", data, "--min-speedup", "none")[0] == 0
+
+
+def test_localize_counts_the_values_a_branch_reads_as_inputs_of_the_if(tmp_path: Path,
+                                                                         rng: np.random.Generator) -> None:
+    """Was: an If whose branches read the noisy ``h`` from the graph around them showed an input
+    SQNR of 200 dB (only its exact condition counted), as if the error started at the If."""
+    text = ("g (float[N, 8] x, bool c) => (float[N, 4] y) { h = MatMul(x, w1)  y = If(c) <"
+            "then_branch = t () => (float[N, 4] a) { a = MatMul(h, w2) }, "
+            "else_branch = e () => (float[N, 4] b) { b2 = MatMul(h, w2)  b = Neg(b2) }> }")
+    w1 = rng.standard_normal((8, 16)).astype(np.float32)
+    w2 = rng.standard_normal((16, 4)).astype(np.float32)
+    ref = save(tmp_path, "ref.onnx", text, w1=w1, w2=w2)
+    cand = save(tmp_path, "cand.onnx", text, w1=(w1 * 1.05).astype(np.float32), w2=w2)
+    table = localize(ref, cand, [{"x": rng.standard_normal((8, 8)).astype(np.float32), "c": np.array(True)}])
+    rows = {e.op_type: e for e in table}
+    assert rows["MatMul"].node_sqnr_db == pytest.approx(-20 * np.log10(0.05), abs=0.01)  # 26.02 dB
+    assert rows["If"].sqnr_in_db == pytest.approx(rows["MatMul"].sqnr_out_db)  # the captured h, not 200 dB
+    assert rows["If"].node_sqnr_db == 200.0 and rows["If"].added_error == 0.0  # the If adds nothing itself

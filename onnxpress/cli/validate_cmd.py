@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from tqdm import tqdm
@@ -66,7 +67,7 @@ def _number_or_none(text: str) -> float | None:
         value = float(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from exc
-    if value != value:  # NaN: every comparison with it fails, so the check could never pass
+    if math.isnan(value):  # every comparison with NaN fails, so the check could never pass
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}")
     return value
 
