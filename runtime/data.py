@@ -289,11 +289,14 @@ class NpzSource:
         self._handle = open(path, "rb")  # noqa: SIM115 - kept open for the source's life
         self._mapped: dict[str, _RowFile] = {}
         self._streamed: dict[str, _StreamedMember] = {}
+        #: Arrays left unread because ``only`` does not name them (for messages).
+        self.ignored: list[str] = []
         for info in self._archive.infolist():
             if not info.filename.endswith(".npy"):
                 continue
             name = info.filename[: -len(".npy")]
             if only is not None and name not in only:
+                self.ignored.append(name)
                 continue  # an array the model does not take (labels, metadata): never read
             try:
                 if info.compress_type == zipfile.ZIP_STORED:
@@ -363,6 +366,7 @@ class ParquetSource:
         self._cache: tuple[int, dict[str, np.ndarray]] | None = None
         names = self._file.schema_arrow.names
         self._columns = [n for n in names if only is None or n in only]
+        self.ignored = [n for n in names if n not in self._columns]
         if self.num_rows == 0:
             raise InputError(f"{path}: the Parquet file has no rows")
         if not self._columns:
@@ -462,6 +466,7 @@ class FolderSource:
                         f"{first.path.name} it is {first.specs[name].dtype}{list(first.specs[name].row_shape)}"
                     )
         self.specs = dict(first.specs)
+        self.ignored: list[str] = list(getattr(first, "ignored", []))
         self._starts = np.cumsum([0] + [p.num_rows for p in self._parts])
         self.num_rows = int(self._starts[-1])
 

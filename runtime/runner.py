@@ -285,6 +285,13 @@ class BatchRunner:
 
     def check(self, source: InputSource, *, casting: str = "safe") -> dict[str, int]:
         """Checks a source against the model's inputs; see :func:`check_source`."""
+        missing = [s for s in self.inputs if s.name not in source.specs]
+        if missing:  # name every array, also those a source left unread (``only``)
+            held = sorted(set(source.specs) | set(getattr(source, "ignored", ())))
+            raise InputError(
+                f"{source.path}: the model needs input {missing[0].name!r} ({missing[0].describe()}), "
+                f"but the data holds only {held}"
+            )
         return check_source(self.inputs, source.specs, str(source.path), casting=casting)
 
     def run_batch(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

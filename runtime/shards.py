@@ -210,6 +210,9 @@ def write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
 def write_parquet(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
     """A Parquet file, one column per output; rows of more than one element become fixed-size lists.
 
+    Rows of no elements (an output of shape ``[N, 0]``) become empty lists, which Arrow's
+    fixed-size lists cannot be.
+
     Each column's per-row shape is kept in the schema metadata (``onnxpress.shapes``) so
     :func:`read_outputs` can restore the arrays.
     """
@@ -223,6 +226,9 @@ def write_parquet(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
         flat = np.ascontiguousarray(array).reshape(len(array), -1)
         if array.ndim == 1:
             columns[name] = pa.array(array)
+        elif flat.shape[1] == 0:  # Arrow has no fixed-size list of size 0: empty variable lists
+            columns[name] = pa.ListArray.from_arrays(pa.array(np.zeros(len(array) + 1, np.int32)),
+                                                     pa.array(flat.reshape(-1)))
         else:
             columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
     table = pa.table(columns).replace_schema_metadata({"onnxpress.shapes": json.dumps(shapes)})

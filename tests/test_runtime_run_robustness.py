@@ -74,6 +74,10 @@ def test_arrays_and_columns_the_model_does_not_take_are_never_read(tmp_path: Pat
     for name in ("a.npz", "b.npz", "c.parquet"):
         BatchRunner(model, batch_size=5).run(tmp_path / name, tmp_path / f"out-{name}")
         np.testing.assert_array_equal(read_outputs(tmp_path / f"out-{name}")["y"], expected)
+    # A missing input's message still lists every array, also those left unread.
+    np.savez(tmp_path / "renamed.npz", v=data["v"], count=data["c"])
+    with pytest.raises(InputError, match=r"needs input 'c' \(int64\[N\]\), but the data holds only \['count', 'v'\]"):
+        BatchRunner(model).run(tmp_path / "renamed.npz", tmp_path / "out-renamed")
     # An input that is itself unreadable is still refused, naming it.
     np.savez(tmp_path / "bad.npz", v=data["v"], c=np.array([None] * 23, dtype=object))
     with pytest.raises(InputError, match=r"bad.npz: member 'c.npy' holds Python objects"):
@@ -260,3 +264,28 @@ def test_resume_refuses_a_model_whose_external_data_changed(tmp_path: Path, rng:
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
     with pytest.raises(InputError, match=r"the run there used another model"):
         BatchRunner(model, batch_size=5).run(tmp_path / "x.npy", tmp_path / "out", resume=True)
+
+
+def test_outputs_with_zero_width_rows_go_to_parquet(tmp_path: Path, rng: np.random.Generator) -> None:
+    # Before: pyarrow.lib.ArrowInvalid (a fixed-size list of size 0) from the shard writer thread.
+    proto = parse("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 3] v) => (float[N, 0] z, float[N, 3] y)
+        <int64[1] zero = {0}, int64[1] one = {1}>
+        {
+            z = Slice(v, zero, zero, one)
+            y = Neg(v)
+        }
+    """)
+    model = save(proto, tmp_path / "m.onnx")
+    v = rng.standard_normal((11, 3)).astype(np.float32)
+    np.save(tmp_path / "v.npy", v)
+    z, y = run_ort(proto, {"v": v})
+    assert z.shape == (11, 0)
+    runner = BatchRunner(model, batch_size=4)
+    runner.run(tmp_path / "v.npy", tmp_path / "out.parquet")
+    runner.run(tmp_path / "v.npy", tmp_path / "shards", output_format="parquet")
+    for out in ("out.parquet", "shards"):
+        got = read_outputs(tmp_path / out)
+        assert got["z"].shape == (11, 0) and got["z"].dtype == np.float32
+        np.testing.assert_array_equal(got["y"], y)
