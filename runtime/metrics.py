@@ -83,6 +83,11 @@ def holds_class_scores(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bo
     )
 
 
+def _needs_float64(dtype: np.dtype) -> bool:
+    """float64 outputs, and integers of 32 bits or more, are compared in float64."""
+    return dtype == np.float64 or (np.issubdtype(dtype, np.integer) and dtype.itemsize >= 4)
+
+
 def _cosines(dot: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
     """``dot / sqrt(rr * cc)`` per row: 1 where both vectors are zero, 0 where only one is."""
     norms = np.sqrt(rr * cc)
@@ -129,8 +134,9 @@ class OutputMetrics:
             return
         if self.samples == 0:
             self.class_scores = holds_class_scores(self.name, reference.shape, reference.dtype)
-        # Differences in the outputs' own precision (float32 unless float64); every sum in float64.
-        work = np.float64 if reference.dtype == np.float64 else np.float32
+        # Differences in the outputs' own precision (float32 unless float64, or integers that
+        # float32 cannot hold exactly: ids above 2**24 differing by one); every sum in float64.
+        work = np.float64 if _needs_float64(reference.dtype) or _needs_float64(candidate.dtype) else np.float32
         rows = len(reference) if reference.ndim else 1
         r = reference.astype(work, copy=False).reshape(rows, -1)
         c = candidate.astype(work, copy=False).reshape(rows, -1)

@@ -321,3 +321,18 @@ def test_localize_counts_the_values_a_branch_reads_as_inputs_of_the_if(tmp_path:
     assert rows["MatMul"].node_sqnr_db == pytest.approx(-20 * np.log10(0.05), abs=0.01)  # 26.02 dB
     assert rows["If"].sqnr_in_db == pytest.approx(rows["MatMul"].sqnr_out_db)  # the captured h, not 200 dB
     assert rows["If"].node_sqnr_db == 200.0 and rows["If"].added_error == 0.0  # the If adds nothing itself
+
+
+def test_integer_outputs_are_compared_exactly(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Was: int64 outputs were compared in float32, so ids above 2**24 that differ by one
+    (16777217 against 16777216) showed no error at all."""
+    ids = rng.integers(1 << 25, 1 << 26, (20, 3))
+    ref = save(tmp_path, "ref.onnx", "g (int64[N, 3] x) => (int64[N, 3] y) { y = Identity(x) }")
+    cand = save(tmp_path, "cand.onnx", "g (int64[N, 3] x) => (int64[N, 3] y) { y = Add(x, one) }",
+                one=np.array(1, np.int64))
+    report = validate(ref, cand, data={"x": ids}, measure_speed=False, tolerances=Tolerances(max_abs_error=0.5))
+    assert report.outputs["y"].max_abs_error == 1.0 and report.outputs["y"].mean_abs_error == 1.0
+    assert not report.passed
+    # a top-1 check that no output can take is said, not dropped in silence
+    quiet = validate(ref, ref, data={"x": ids}, measure_speed=False, tolerances=Tolerances(min_top1_agreement=99))
+    assert quiet.passed and any("top-1 agreement check is not applied" in w for w in quiet.warnings)
