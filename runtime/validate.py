@@ -457,6 +457,10 @@ def _label_output(
     width = classes(label_output)
     if len(labels) and (labels.min() < 0 or (width is not None and labels.max() >= width)):
         expected = f"[0, {width})" if width is not None else "non-negative"
+        if not given:
+            warnings.append(f"the data's labels run from {labels.min()} to {labels.max()}, not class indices "
+                            f"{expected} of output {label_output!r}; accuracy is not measured")
+            return None
         raise InputError(f"labels: class indices must be {expected} for output {label_output!r} "
                          f"{outputs[label_output].shape}; got values from {labels.min()} to {labels.max()}")
     return label_output

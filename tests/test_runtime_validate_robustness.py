@@ -193,6 +193,8 @@ def test_labels_must_belong_to_the_data(tmp_path: Path, rng: np.random.Generator
     # labels in the data that are not class indices are not scored
     report = validate(ref, ref, data={"x": x, "label": labels + 0.5}, measure_speed=False)
     assert report.reference.accuracy is None and any("not one class index" in w for w in report.warnings)
+    report = validate(ref, ref, data={"x": x, "label": labels + 4}, measure_speed=False)
+    assert report.reference.accuracy is None and any("not class indices [0, 4)" in w for w in report.warnings)
 
 
 def test_a_model_that_fails_on_random_inputs_says_to_pass_data(tmp_path: Path, rng: np.random.Generator,
