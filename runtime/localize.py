@@ -458,9 +458,15 @@ def localize(
 
         def _accumulate(feeds: Mapping[str, np.ndarray]) -> None:
             ref_feeds = {k: _as_type(feeds[k], ref_types[k]) for k in ref_inputs}
-            ref_vals = dict(zip(ref_names, ref_session.run(ref_names, ref_feeds), strict=True))
             cand_feeds = {k: _as_type(feeds[k], cand_types[k]) for k in cand_inputs}
-            cand_vals = cand_session.run(cand_names, cand_feeds)
+            rows = len(next(iter(ref_feeds.values()))) if ref_feeds else 0
+            try:
+                ref_vals = dict(zip(ref_names, ref_session.run(ref_names, ref_feeds), strict=True))
+                cand_vals = cand_session.run(cand_names, cand_feeds)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                reason = " ".join(str(exc).split())
+                raise InputError(f"localization could not run the models on a batch of {rows} rows "
+                                 f"(both must take the same batch): {reason}") from exc
             exact = dict(cand_feeds)
             for ref_name, cand_name in pairs.items():
                 if cand_name in iso_feeds:

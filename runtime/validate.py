@@ -34,7 +34,7 @@ from onnxpress import __version__
 from onnxpress.errors import InputError, RecipeError
 from onnxpress.report import format_table, human_bytes, write_json
 from onnxpress.runtime.data import ArraySource, InputSource, iter_slices, open_source
-from onnxpress.runtime.localize import NodeError, NoSharedValuesError
+from onnxpress.runtime.localize import NodeError
 from onnxpress.runtime.localize import localize as localize_nodes
 from onnxpress.runtime.metrics import OutputMetrics, holds_class_scores
 from onnxpress.runtime.runner import ORT_DTYPES, BatchRunner, InputSpec
@@ -791,7 +791,7 @@ def validate(
             try:
                 report.localization = localize_nodes(reference, candidate, batches, value_map=value_map,
                                                      max_batches=localize_batches)
-            except NoSharedValuesError as exc:
+            except InputError as exc:  # NoSharedValuesError, or models localization cannot run alike
                 # the end-to-end comparison still stands; only the per-node table is missing
                 report.localization = []
                 report.warnings.append(f"no localization: {exc}")

@@ -236,6 +236,11 @@ def test_localize_a_fixed_batch_model_on_fewer_rows_than_its_batch(tmp_path: Pat
     report = validate(ref, cand, data={"x": x}, localize=True, measure_speed=False)
     assert report.samples == 3 and report.localization[0].output == "logits"
     assert report.localization[0].added_error == pytest.approx(0.01, rel=1e-3)  # (1.1 - 1)^2 of the signal power
+    # a candidate fixed at another batch size cannot be localized against it: said, and the verdict kept
+    eight = save(tmp_path, "eight.onnx", text.replace("[4, ", "[8, "), w1=w1, w2=w2)
+    report = validate(ref, eight, data={"x": x}, localize=True, measure_speed=False)
+    assert report.passed and report.localization == []
+    assert any("no localization" in w and "same batch" in w for w in report.warnings)
 
 
 def test_localize_without_shared_values_keeps_the_comparison(tmp_path: Path, rng: np.random.Generator,
