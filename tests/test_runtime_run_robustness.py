@@ -289,3 +289,24 @@ def test_outputs_with_zero_width_rows_go_to_parquet(tmp_path: Path, rng: np.rand
         got = read_outputs(tmp_path / out)
         assert got["z"].shape == (11, 0) and got["z"].dtype == np.float32
         np.testing.assert_array_equal(got["y"], y)
+
+
+def test_every_batch_is_checked_for_a_sample_axis(tmp_path: Path, rng: np.random.Generator) -> None:
+    # Before: only the first batch was checked: a [3] output of unknown shape (a Range of the
+    # row width + 1) passed for a batch of 3 rows and was written as the rows of the 1-row last batch, silently.
+    proto = parse("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 2] x) => (float[N, 2] y, int64[K] c)
+        <int64 zero = {0}, int64 one = {1}>
+        {
+            y = Neg(x)
+            shape = Shape(x)
+            width = Gather<axis = 0>(shape, one)
+            limit = Add(width, one)
+            c = Range(zero, limit, one)
+        }
+    """)
+    model = save(proto, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", rng.standard_normal((4, 2)).astype(np.float32))
+    with pytest.raises(InputError, match=r"output 'c' has shape \[3\] for a batch of 1 rows \(rows 3-4\)"):
+        BatchRunner(model, batch_size=3).run(tmp_path / "x.npy", tmp_path / "out")
