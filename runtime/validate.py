@@ -682,6 +682,9 @@ def validate(
         rows = source.num_rows if samples is None else min(samples, source.num_rows)
         if rows == 0:
             raise InputError(f"{data_label}: no samples to validate on")
+        if samples is not None and samples > source.num_rows:
+            warnings.append(f"{samples} samples were asked for, but the data holds {source.num_rows}; "
+                            f"validated on {source.num_rows}")
         label_array, labels_given = _labels(labels, source, ref_runner.input_names, rows, warnings)
         if label_array is not None:
             label_output = _label_output(ref_runner, label_output, labels_given, label_array, warnings)

@@ -188,6 +188,9 @@ def test_labels_must_belong_to_the_data(tmp_path: Path, rng: np.random.Generator
             validate(ref, ref, data=data, labels=bad, measure_speed=False)
     column = validate(ref, ref, data=data, labels=labels[:, None], measure_speed=False)
     assert column.reference.accuracy == 100.0
+    # more samples than the data holds: all of them, and said
+    report = validate(ref, ref, data=data, labels=labels, samples=500, measure_speed=False)
+    assert report.samples == 100 and any("500 samples were asked for" in w for w in report.warnings)
     # labels of the whole data with --samples are cut to the samples validated
     assert validate(ref, ref, data=data, labels=labels, samples=30, measure_speed=False).reference.accuracy == 100.0
     # labels in the data that are not class indices are not scored
