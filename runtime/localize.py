@@ -384,13 +384,36 @@ def _as_type(array: np.ndarray, ort_type: str) -> np.ndarray:
     return array if dtype is None or array.dtype == dtype else array.astype(dtype)
 
 
-def _sum_squares(array: np.ndarray) -> float:
-    """Sum of squares accumulated in float64 (no float64 copy of the array)."""
+def _sum_squares(array: np.ndarray, *, finite_only: bool = False) -> float:
+    """Sum of squares accumulated in float64 (no float64 copy of the array).
+
+    With ``finite_only``, infinities and NaNs are left out (a signal with one ``-inf`` from a
+    ``Log`` of zero would otherwise be infinite, and every error beside it invisible).
+    """
     flat = array.reshape(-1)
     if flat.dtype not in (np.float32, np.float64):
         flat = flat.astype(np.float32)
     total = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    if not np.isfinite(total) and finite_only:
+        flat = flat[np.isfinite(flat)]
+        total = float(np.einsum("i,i->", flat, flat, dtype=np.float64))
     return total if np.isfinite(total) else float("inf")
+
+
+def _difference(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """``reference - candidate``, with 0 where both hold the same infinity or both NaN.
+
+    As in :class:`~onnxpress.runtime.metrics.OutputMetrics`, equal non-finite values are an
+    exact match (``-inf - -inf`` would be NaN, an infinite noise for a node that adds none);
+    any other non-finite difference stays, and makes the noise infinite.
+    """
+    candidate = candidate.astype(reference.dtype, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = reference - candidate
+    if reference.dtype.kind == "f" and not np.isfinite(diff).all():
+        same = (reference == candidate) | (np.isnan(reference) & np.isnan(candidate))
+        diff = np.where(same, 0, diff)
+    return diff
 
 
 def localize(
@@ -480,9 +503,9 @@ def localize(
                 if r.shape != c.shape or r.shape != ci.shape:
                     skipped.add(name)
                     continue
-                signal[name] += _sum_squares(r)
-                noise[name] += _sum_squares(r - c.astype(r.dtype, copy=False))
-                own_noise[name] += _sum_squares(r - ci.astype(r.dtype, copy=False))
+                signal[name] += _sum_squares(r, finite_only=True)
+                noise[name] += _sum_squares(_difference(r, c))
+                own_noise[name] += _sum_squares(_difference(r, ci))
         fixed_batch = any(isinstance(i.shape[0], int) for i in ref_session.get_inputs() if i.shape)
         for batch in batches:
             if runs >= max_batches:
@@ -500,7 +523,8 @@ def localize(
     if skipped:
         logger.info("localization skipped %d values whose shapes differ: %s", len(skipped), sorted(skipped)[:5])
     sqnr = {n: sqnr_db(signal[n], noise[n]) for n in ref_names if n not in skipped}
-    rel = {n: float(np.sqrt(noise[n] / signal[n])) if signal[n] > 0 else 0.0 for n in sqnr}
+    rel = {n: float(np.sqrt(noise[n] / signal[n])) if signal[n] > 0 else (0.0 if noise[n] == 0 else float("inf"))
+           for n in sqnr}
     cand_values = _values_by_name(cand_model.graph)
     shared = set(sqnr)
     cache: dict[str, list[str]] = {}

@@ -346,3 +346,20 @@ def test_integer_outputs_are_compared_exactly(tmp_path: Path, rng: np.random.Gen
     # a top-1 check that no output can take is said, not dropped in silence
     quiet = validate(ref, ref, data={"x": ids}, measure_speed=False, tolerances=Tolerances(min_top1_agreement=99))
     assert quiet.passed and any("top-1 agreement check is not applied" in w for w in quiet.warnings)
+
+
+def test_localize_takes_equal_infinities_as_exact(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Was: a Log of zero (-inf in both models) gave -inf - -inf = NaN, an infinite noise, so a
+    bit-exact Log ranked first at -200 dB; and one -inf in the signal hid every error beside it."""
+    text = "g (float[N, 4] x) => (float[N, 4] y) {{ r = Relu(x)  s = Mul(r, k)  l = Log(s)  y = {} }}"
+    ref = save(tmp_path, "ref.onnx", text.format("Mul(l, w)"), k=np.array(1.0, np.float32),
+               w=np.array(2.0, np.float32))
+    cand = save(tmp_path, "cand.onnx", text.format("Mul(l, w)"), k=np.array(1.0, np.float32),
+                w=np.array(2.2, np.float32))
+    x = rng.standard_normal((40, 4)).astype(np.float32)
+    rows = {e.output: e for e in localize(ref, cand, [{"x": x}])}
+    assert rows["l"].node_sqnr_db == 200.0 and rows["l"].added_error == 0.0 and rows["l"].rel_l2_error == 0.0
+    assert rows["s"].node_sqnr_db == 200.0
+    # the Mul by 2.2 instead of 2 adds (0.2 / 2)^2 = 1 % of the (finite) signal power
+    assert rows["y"].added_error == pytest.approx(0.01, rel=1e-3)
+    assert rows["y"].rel_l2_error == pytest.approx(0.1, rel=1e-3)
