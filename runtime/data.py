@@ -398,6 +398,9 @@ class ParquetSource:
         position = start
         while position < stop:
             g_start, g_stop = int(self._group_starts[group]), int(self._group_starts[group + 1])
+            if g_stop == g_start:  # an empty row group: its lists have no length to give a row shape
+                group += 1
+                continue
             arrays = self._group(group)
             lo, hi = position - g_start, min(stop, g_stop) - g_start
             for n in names:

@@ -310,3 +310,21 @@ def test_every_batch_is_checked_for_a_sample_axis(tmp_path: Path, rng: np.random
     np.save(tmp_path / "x.npy", rng.standard_normal((4, 2)).astype(np.float32))
     with pytest.raises(InputError, match=r"output 'c' has shape \[3\] for a batch of 1 rows \(rows 3-4\)"):
         BatchRunner(model, batch_size=3).run(tmp_path / "x.npy", tmp_path / "out")
+
+
+def test_parquet_with_empty_row_groups(tmp_path: Path, rng: np.random.Generator) -> None:
+    # Before: an empty row group's list column read as rows of shape [0] and broke the
+    # concatenation with its neighbours (ValueError).
+    proto = parse("""
+        <ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, 3] x) => (float[N, 3] y) { y = Neg(x) }
+    """)
+    model = save(proto, tmp_path / "m.onnx")
+    x = rng.standard_normal((29, 3)).astype(np.float32)
+    schema = pa.schema([("x", pa.list_(pa.float32()))])
+    with pq.ParquetWriter(tmp_path / "in.parquet", schema) as writer:
+        for rows in (x[:0], x[:15], x[:0], x[15:], x[:0]):
+            writer.write_table(pa.table({"x": pa.array(list(rows), pa.list_(pa.float32()))}, schema=schema))
+    assert pq.ParquetFile(tmp_path / "in.parquet").metadata.num_row_groups == 5
+    BatchRunner(model, batch_size=4).run(tmp_path / "in.parquet", tmp_path / "out")
+    np.testing.assert_array_equal(read_outputs(tmp_path / "out")["y"], run_ort(proto, {"x": x})[0])
