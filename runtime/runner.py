@@ -3,8 +3,16 @@
 :class:`BatchRunner` opens a model through :func:`onnxpress.sessions.load_session`, checks a
 data source against the model's inputs before the first batch (names, dtypes, per-row shapes,
 named dimensions that must agree across inputs), and runs it batch by batch. A model whose
-batch dimension is a fixed number ``B`` runs in batches of ``B``; the last batch is padded by
-repeating its last row and the outputs are trimmed back.
+batch dimension is a fixed number ``B`` (on any input) runs in batches of ``B``; the last batch
+is padded by repeating its last row and the outputs are trimmed back.
+
+What cannot be written as rows is refused with an :class:`~onnxpress.errors.InputError` rather
+than written wrong: before the first batch, scalar inputs, outputs that are not numeric tensors
+(strings, sequences, optionals) and outputs declared with a fixed first size that is not the
+batch; at every batch, an output without one row per input row or whose per-row shape or
+dtype changed (NonZero, TopK with a computed k); and a failing onnxruntime run, named by its
+rows. Arrays of the data that the model does not take are never opened, and an input of no
+rows is refused before anything is written.
 
 :meth:`BatchRunner.run` writes the outputs with :class:`onnxpress.runtime.shards.ShardWriter`:
 shards of whole batches, each written atomically, and a manifest rewritten atomically after
