@@ -11,6 +11,16 @@ that alternate between the models so machine drift hits both alike); optionally 
 :mod:`onnxpress.runtime.localize`. The verdict checks :class:`Tolerances`.
 
 The returned :class:`ValidationReport` serializes to the JSON the CLI writes (``to_dict``).
+
+What is refused, and how (each an :class:`~onnxpress.errors.InputError` naming the model or
+file and what was expected): data that does not fit either model; a model that onnxruntime
+cannot run on a batch (random inputs: the message says to pass ``--data``); outputs that are
+not tensors; labels that are not one class index per sample of the data, or outside the
+class-score output's classes. Labels are scored on the first output that holds class scores
+(floating ``[N, C >= 2]``, not named as features); labels found in the data rather than given
+are skipped with a warning when they do not fit. Localization that cannot run (no shared
+value, batch sizes the two models cannot share) leaves the comparison and its verdict as they
+are and adds a warning.
 """
 
 from __future__ import annotations
