@@ -23,8 +23,10 @@ holds and writes the same files an uninterrupted run writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +38,14 @@ import onnxruntime as ort
 
 from onnxpress.errors import InputError
 from onnxpress.runtime.data import InputSource, iter_slices, open_source
-from onnxpress.runtime.shards import ShardWriter, assemble_parquet, run_fingerprint
+from onnxpress.runtime.shards import (
+    MANIFEST,
+    ShardWriter,
+    assemble_parquet,
+    parquet_run_fingerprint,
+    read_manifest,
+    run_fingerprint,
+)
 from onnxpress.sessions import load_session
 
 logger = logging.getLogger(__name__)
@@ -348,6 +357,19 @@ class BatchRunner:
                     "written as samples", spec.name, spec.describe(), first, ", ".join(sorted(batch_names)))
         return specs
 
+    @staticmethod
+    def _finished_parquet(output: Path, folder: Path, fingerprint: dict[str, Any]) -> bool:
+        """Whether ``output`` is the finished result of this run (for ``--resume`` after it completed).
+
+        A kill between publishing the file and removing the shard folder leaves both: the
+        folder is removed now.
+        """
+        if parquet_run_fingerprint(output) != json.loads(json.dumps(fingerprint)):
+            return False
+        if (folder / MANIFEST).is_file() and read_manifest(folder).get("complete"):
+            shutil.rmtree(folder)
+        return True
+
     def iter_outputs(
         self, source: InputSource, *, start: int = 0, stop: int | None = None
     ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
@@ -402,9 +424,13 @@ class BatchRunner:
             fmt = "parquet" if single_parquet else output_format
             if single_parquet and output.is_dir():
                 raise InputError(f"{output}: is a folder; an output ending in .parquet is one file (choose another name)")
-            if single_parquet and output.exists() and not force:
-                raise InputError(f"{output}: the output already exists; pass --force to replace it")
             fingerprint = run_fingerprint(self.model_path, source.path, source.num_rows, self.batch_size)
+            if single_parquet and output.exists() and not force:
+                if resume and self._finished_parquet(output, folder, fingerprint):
+                    logger.info("%s: the run is already complete", output)
+                    return RunResult(output=output, rows=source.num_rows, rows_computed=0, shards=0, seconds=0.0,
+                                     resumed_from=source.num_rows)
+                raise InputError(f"{output}: the output already exists; pass --force to replace it")
             writer = ShardWriter.open(
                 folder, fingerprint=fingerprint, resume=resume, force=force, output_format=fmt,
                 batch_size=self.batch_size, shard_rows=shard_rows, total_rows=source.num_rows,

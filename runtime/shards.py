@@ -523,8 +523,27 @@ def read_outputs(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     return {n: np.concatenate(p) for n, p in parts.items()}
 
 
+#: Schema metadata key of an assembled Parquet output: the run's fingerprint (JSON), so that
+#: ``--resume`` on a finished output can tell it is the same run.
+PARQUET_RUN_KEY = b"onnxpress.run"
+
+
+def parquet_run_fingerprint(path: Path) -> dict[str, Any] | None:
+    """The fingerprint :func:`assemble_parquet` stored in a Parquet output (None when there is none)."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata[PARQUET_RUN_KEY]) if PARQUET_RUN_KEY in metadata else None
+    except Exception:  # noqa: BLE001 - not a Parquet file we wrote: no fingerprint
+        return None
+
+
 def assemble_parquet(folder: Path, output: Path, *, force: bool = False) -> None:
-    """Joins a complete folder of Parquet shards into one Parquet file (atomically), then removes the folder."""
+    """Joins a complete folder of Parquet shards into one Parquet file (atomically), then removes the folder.
+
+    The run's fingerprint goes into the file's schema metadata (:data:`PARQUET_RUN_KEY`).
+    """
     import pyarrow.parquet as pq
 
     manifest = read_manifest(folder)
@@ -541,8 +560,9 @@ def assemble_parquet(folder: Path, output: Path, *, force: bool = False) -> None
         for shard in manifest["shards"]:
             table = pq.read_table(folder / shard["file"])
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table)
+                metadata = {**(table.schema.metadata or {}), PARQUET_RUN_KEY: json.dumps(manifest["fingerprint"])}
+                writer = pq.ParquetWriter(tmp, table.schema.with_metadata(metadata))
+            writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
         if writer is not None:
             writer.close()
         publish(tmp, output)

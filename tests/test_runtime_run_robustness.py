@@ -328,3 +328,26 @@ def test_parquet_with_empty_row_groups(tmp_path: Path, rng: np.random.Generator)
     assert pq.ParquetFile(tmp_path / "in.parquet").metadata.num_row_groups == 5
     BatchRunner(model, batch_size=4).run(tmp_path / "in.parquet", tmp_path / "out")
     np.testing.assert_array_equal(read_outputs(tmp_path / "out")["y"], run_ort(proto, {"x": x})[0])
+
+
+def test_resume_of_a_finished_parquet_output_is_a_no_op(tmp_path: Path, rng: np.random.Generator) -> None:
+    # Before: `--resume` on a .parquet output that had finished (or was killed between publishing
+    # the file and removing its shard folder) failed with "the output already exists".
+    proto = parse(SCALE)
+    model = save(proto, tmp_path / "m.onnx")
+    data = scale_data(rng, 30)
+    np.savez(tmp_path / "in.npz", **data)
+    output = tmp_path / "out.parquet"
+    BatchRunner(model, batch_size=7).run(tmp_path / "in.npz", output)
+    written = output.read_bytes()
+    result = BatchRunner(model, batch_size=7).run(tmp_path / "in.npz", output, resume=True)
+    assert result.rows_computed == 0 and output.read_bytes() == written
+    # As if killed after the rename: the complete shard folder is still there.
+    BatchRunner(model, batch_size=7).run(tmp_path / "in.npz", tmp_path / "out.parquet.parts", output_format="parquet")
+    BatchRunner(model, batch_size=7).run(tmp_path / "in.npz", output, resume=True)
+    assert not (tmp_path / "out.parquet.parts").exists()
+    np.testing.assert_array_equal(read_outputs(output)["y"], run_ort(proto, data)[0])
+    # Another batch size (or model, or input) is not the same run: refused, the file kept.
+    with pytest.raises(InputError, match=r"out.parquet: the output already exists"):
+        BatchRunner(model, batch_size=8).run(tmp_path / "in.npz", output, resume=True)
+    assert output.read_bytes() == written
