@@ -7,7 +7,11 @@ numbers per output plus one cosine per sample. With reference ``r`` and candidat
 * max / mean absolute error: :math:`\max |r - c|`, :math:`\frac{1}{n}\sum |r - c|` over all elements;
 * relative L2 error: :math:`\lVert r - c \rVert_2 / \lVert r \rVert_2` over the whole output;
 * cosine per sample: :math:`\frac{r \cdot c}{\lVert r \rVert \lVert c \rVert}` (1 when both are
-  zero; 0 when one is); mean and minimum over samples. An output with one value per sample
+  zero); mean and minimum over samples. A sample where only one side is zero has no direction
+  to compare (a Relu head whose reference row is all zero, the candidate's ``1e-6``: a cosine
+  of 0 would fail a model off by ``1e-6``), so it takes the cosine of the whole output,
+  :math:`\frac{\sum r \cdot c}{\sqrt{\sum r^2 \sum c^2}}`, whose denominator holds that sample's
+  error: tiny values there barely move it, large ones pull it down. An output with one value per sample
   (``[N]``, ``[N, 1]``, a scalar per batch) has no per-sample direction (the cosine of two
   numbers is only their sign agreement, -1 for ``1e-7`` against ``-1e-7``), so its cosine is
   taken once over all samples (the column of values is the vector), and mean and minimum are
@@ -89,10 +93,11 @@ def _needs_float64(dtype: np.dtype) -> bool:
 
 
 def _cosines(dot: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
-    """``dot / sqrt(rr * cc)`` per row: 1 where both vectors are zero, 0 where only one is."""
+    """``dot / sqrt(rr * cc)`` per row: 1 where both vectors are zero, NaN where only one is
+    (no direction; :attr:`OutputMetrics.cosine_values` fills those in)."""
     norms = np.sqrt(rr * cc)
     safe = np.where(norms > 0, norms, 1.0)
-    cos = np.where(norms > 0, dot / safe, np.where((rr == 0) & (cc == 0), 1.0, 0.0))
+    cos = np.where(norms > 0, dot / safe, np.where((rr == 0) & (cc == 0), 1.0, np.nan))
     return np.clip(cos, -1.0, 1.0)
 
 
@@ -121,8 +126,10 @@ class OutputMetrics:
     nonfinite: int = 0
     shape_mismatch: str = ""
     cosines: list[np.ndarray] = field(default_factory=list, repr=False)
-    #: One value per sample: the cosine is taken over all samples from these sums (r.c, r.r, c.c).
-    column_sums: np.ndarray | None = field(default=None, repr=False)
+    #: Sums over all samples of r.c, r.r and c.c: the cosine of the whole output.
+    totals: np.ndarray = field(default_factory=lambda: np.zeros(3), repr=False)
+    #: The output has one value per sample: its cosine is the whole output's (module docstring).
+    one_value: bool = False
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(HISTOGRAM_EDGES), dtype=np.int64), repr=False)
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -162,9 +169,9 @@ class OutputMetrics:
         dot = np.einsum("ij,ij->i", r, c, dtype=np.float64)
         self.sum_sq_reference += float(rr.sum())
         self.histogram += np.bincount(histogram_bins(abs_diff.reshape(-1)), minlength=len(HISTOGRAM_EDGES))
+        self.totals += (dot.sum(), rr.sum(), cc.sum())
         if r.shape[1] == 1:  # one value per sample: one cosine over the column (see the module docstring)
-            sums = np.array([dot.sum(), rr.sum(), cc.sum()])
-            self.column_sums = sums if self.column_sums is None else self.column_sums + sums
+            self.one_value = True
         else:
             self.cosines.append(_cosines(dot, rr, cc))
         if self.class_scores:
@@ -181,12 +188,21 @@ class OutputMetrics:
         return math.sqrt(self.sum_sq_error / self.sum_sq_reference)
 
     @property
+    def overall_cosine(self) -> float:
+        """The cosine of the whole output as one vector (0 when only one side is all zero)."""
+        dot, rr, cc = self.totals
+        value = float(_cosines(np.array([dot]), np.array([rr]), np.array([cc]))[0])
+        return 0.0 if math.isnan(value) else value
+
+    @property
     def cosine_values(self) -> np.ndarray:
-        """The per-sample cosines (for a one-value-per-sample output, its one cosine over all samples)."""
-        if self.column_sums is not None:
-            dot, rr, cc = self.column_sums
-            return _cosines(np.array([dot]), np.array([rr]), np.array([cc]))
-        return np.concatenate(self.cosines) if self.cosines else np.zeros(0)
+        """The per-sample cosines; samples without a direction take :attr:`overall_cosine`
+        (a one-value-per-sample output has just that one)."""
+        if self.one_value:
+            return np.array([self.overall_cosine]) if self.samples else np.zeros(0)
+        values = np.concatenate(self.cosines) if self.cosines else np.zeros(0)
+        undefined = np.isnan(values)
+        return np.where(undefined, self.overall_cosine, values) if undefined.any() else values
 
     @property
     def mean_cosine(self) -> float:

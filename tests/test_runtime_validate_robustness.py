@@ -363,3 +363,33 @@ def test_localize_takes_equal_infinities_as_exact(tmp_path: Path, rng: np.random
     # the Mul by 2.2 instead of 2 adds (0.2 / 2)^2 = 1 % of the (finite) signal power
     assert rows["y"].added_error == pytest.approx(0.01, rel=1e-3)
     assert rows["y"].rel_l2_error == pytest.approx(0.1, rel=1e-3)
+
+
+def test_samples_where_only_one_side_is_zero_take_the_whole_outputs_cosine(tmp_path: Path,
+                                                                           rng: np.random.Generator) -> None:
+    """Was: a Relu head whose reference rows are often all zero got cosine 0 on each of them
+    against a candidate off by 1e-6, so a model with a relative L2 error of 1e-6 failed."""
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    text = "g (float[N, 8] x) => (float[N, 4] y) { m = MatMul(x, w)  a = Add(m, b)  r = Relu(a)  y = Add(r, e) }"
+    bias = np.full(4, -2.0, np.float32)
+    ref = save(tmp_path, "ref.onnx", text, w=w, b=bias, e=np.array(0.0, np.float32))
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    r = outputs(ref, {"x": x})[0].astype(np.float64)
+    zero_rows = int((np.abs(r).sum(1) == 0).sum())
+    assert zero_rows > 20
+    for offset, verdict in ((1e-6, True), (0.5, False)):
+        cand = save(tmp_path, "cand.onnx", text, w=w, b=bias, e=np.array(offset, np.float32))
+        c = outputs(cand, {"x": x})[0].astype(np.float64)
+        report = validate(ref, cand, data={"x": x}, measure_speed=False)
+        overall = (r * c).sum() / np.sqrt((r * r).sum() * (c * c).sum())
+        live = np.abs(r).sum(1) > 0
+        per_row = (r[live] * c[live]).sum(1) / np.sqrt((r[live] ** 2).sum(1) * (c[live] ** 2).sum(1))
+        expected = (per_row.sum() + zero_rows * overall) / len(r)
+        assert report.outputs["y"].mean_cosine == pytest.approx(expected, rel=1e-6)
+        assert report.outputs["y"].min_cosine == pytest.approx(min(per_row.min(), overall), rel=1e-6)
+        assert report.passed is verdict
+    # a reference that is all zero against a candidate that is not has no direction in common:
+    # 0 for every row but those where both are zero (1)
+    zero = save(tmp_path, "zero.onnx", text, w=w * 0, b=bias * 0, e=np.array(0.0, np.float32))
+    report = validate(zero, ref, data={"x": x}, measure_speed=False)
+    assert report.outputs["y"].mean_cosine == pytest.approx(zero_rows / len(r)) and not report.passed
