@@ -305,13 +305,67 @@ def artifact_bytes(path: str | os.PathLike[str]) -> int:
     return size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
 
 
+#: Ops that pass integer ids through unchanged in value (so a Gather after them still bounds them).
+_ID_PRESERVING = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand"})
+
+
+def gather_index_bounds(path: str | os.PathLike[str]) -> dict[str, int]:
+    """For each integer graph input used as ``Gather`` indices into a constant table, the table's size.
+
+    ``ids -> Gather(table[V, D], ids)`` (an embedding) only accepts ids in ``[0, V)``: random
+    inputs must stay below the smallest such ``V`` (a ``token_type_ids`` table has 2 rows).
+    The indices may pass through casts and reshapes first. Only the main graph is read, and
+    only shapes: external data is not loaded and a packed model's tensors are not decoded.
+    """
+    from onnxpress.packing.unpack import PackedModel, is_packed
+
+    path = Path(path)
+    try:
+        if is_packed(path):
+            with PackedModel(path) as packed:
+                proto = packed.graph_proto()
+        else:
+            proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # the session already opened it; bounds are only a refinement
+        logger.debug("no index bounds for %s: %s", path, exc)
+        return {}
+    graph = proto.graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            shapes[node.output[0]] = list(node.attribute[0].t.dims)
+    integer = {
+        i.name for i in graph.input
+        if i.name not in shapes and i.type.tensor_type.elem_type in (
+            onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+            onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64)
+    }
+    origin = {name: name for name in integer}  # value -> the graph input whose ids it carries
+    bounds: dict[str, int] = {}
+    for node in graph.node:  # topological order: origins are known before their uses
+        if node.op_type in _ID_PRESERVING and node.input and node.input[0] in origin:
+            origin[node.output[0]] = origin[node.input[0]]
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in origin:
+            table = shapes.get(node.input[0])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if table and -len(table) <= axis < len(table) and table[axis] > 0:
+                source = origin[node.input[1]]
+                bounds[source] = min(bounds.get(source, table[axis]), table[axis])
+    return bounds
+
+
 def random_inputs(
-    specs: list[InputSpec], samples: int, dims: Mapping[str, int] | None = None, seed: int | None = None
+    specs: list[InputSpec],
+    samples: int,
+    dims: Mapping[str, int] | None = None,
+    seed: int | None = None,
+    bounds: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Random arrays for the model's inputs: ``samples`` rows, named dimensions bound from ``dims``.
 
     Floats are standard normal; integers are drawn from [0, 2) for names containing ``mask``
-    and [0, 100) otherwise (small enough to be valid token ids); booleans are fair coins.
+    and [0, 100) otherwise (small enough to be valid token ids), and below ``bounds[name]``
+    when given (see :func:`gather_index_bounds`); booleans are fair coins.
 
     Raises:
         InputError: A named dimension after the first is not bound in ``dims``.
@@ -347,6 +401,7 @@ def random_inputs(
             arrays[spec.name] = rng.random(shape) > 0.5
         elif np.issubdtype(spec.dtype, np.integer):
             high = 2 if "mask" in spec.name.lower() else 100
+            high = min(high, (bounds or {}).get(spec.name, high))
             arrays[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
         else:
             arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
@@ -366,7 +421,8 @@ def _open_data(
     if data is None:
         count = samples or DEFAULT_RANDOM_SAMPLES
         warnings.append(WEAK_SIGNAL_WARNING)
-        return ArraySource(random_inputs(runner.inputs, count, dims), "<random>"), "random"
+        bounds = gather_index_bounds(runner.model_path)
+        return ArraySource(random_inputs(runner.inputs, count, dims, bounds=bounds), "<random>"), "random"
     if isinstance(data, Mapping):
         return ArraySource(dict(data)), "<arrays>"
     if isinstance(data, (str, os.PathLike)):
@@ -498,7 +554,8 @@ def _run_checked(
             reason = f"onnxruntime cannot run the model: {reason}"
         hint = ""
         if data_label == "random":
-            hint = ("; the inputs are random (integers drawn from [0, 100), floats standard normal), which this model "
+            hint = ("; the inputs are random (integers drawn from [0, 100) or below the size of the table they "
+                    "index, floats standard normal), which this model "
                     "does not accept: pass --data with real inputs (--dim sets sizes of named dimensions)")
         raise InputError(f"{label} {runner.model_path}: samples {lo}-{hi}: {reason}{hint}") from exc
     for name, value in outputs.items():

@@ -203,17 +203,42 @@ def test_labels_must_belong_to_the_data(tmp_path: Path, rng: np.random.Generator
 def test_a_model_that_fails_on_random_inputs_says_to_pass_data(tmp_path: Path, rng: np.random.Generator,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """Was: random token ids in [0, 100) on a 30-word embedding made onnxruntime raise, and the
-    CLI printed its traceback."""
+    CLI printed its traceback. (A plain ``Gather`` now bounds the random ids, see the next test:
+    here the ids are shifted first, so no bound is known.)"""
     table = rng.standard_normal((30, 8)).astype(np.float32)
     model = save(tmp_path, "tok.onnx", "g (int64[batch, seq] input_ids) => (float[batch, seq, 8] emb) "
-                 "{ emb = Gather(table, input_ids) }", table=table)
+                 "{ one = Constant<value = int64 {1}>() shifted = Add(input_ids, one) "
+                 "emb = Gather(table, shifted) }", table=table)
     with pytest.raises(InputError, match=r"reference .*tok.onnx: samples 0-32: onnxruntime cannot run the model.*Gather.*"
                                          r"inputs are random.*pass --data"):
         validate(model, model, dims={"seq": 5}, measure_speed=False)
     status, _, err = cli(capsys, model, model, "--dim", "seq=5")
     assert status == 2 and len(err.strip().splitlines()) == 1 and "--data" in err
-    ids = rng.integers(0, 30, (20, 5))
+    ids = rng.integers(0, 29, (20, 5))  # shifted by one inside the model
     assert validate(model, model, data={"input_ids": ids}, measure_speed=False).passed
+
+
+def test_random_ids_stay_inside_the_embedding_tables_they_index(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Was: random integers were drawn from [0, 100) whatever the table, so a BERT-like model
+    (a 2-row token-type table, a 30-word vocabulary) could only be validated with --data."""
+    from onnxpress.runtime.validate import gather_index_bounds
+
+    words = rng.standard_normal((30, 8)).astype(np.float32)
+    types = rng.standard_normal((2, 8)).astype(np.float32)
+    model = save(tmp_path, "bert.onnx",
+                 "g (int64[batch, seq] input_ids, int32[batch, seq] token_type_ids, int64[batch, seq] attention_mask)"
+                 " => (float[batch, seq, 8] emb) { ids3 = Unsqueeze(input_ids, axes) w = Gather(words, ids3) "
+                 "w2 = Squeeze(w, axes) tt = Cast<to = 7>(token_type_ids) t = Gather(types, tt) s = Add(w2, t) "
+                 "m = Cast<to = 1>(attention_mask) m3 = Unsqueeze(m, axes2) emb = Mul(s, m3) }",
+                 words=words, types=types, axes=np.array([2], np.int64), axes2=np.array([-1], np.int64))
+    assert gather_index_bounds(model) == {"input_ids": 30, "token_type_ids": 2}
+    report = validate(model, model, dims={"seq": 7}, samples=64, measure_speed=False)
+    assert report.passed and report.outputs["emb"].max_abs_error == 0.0
+    feeds = random_inputs(
+        [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
+         InputSpec("token_type_ids", np.dtype(np.int32), ("batch", "seq"))],
+        4000, {"seq": 3}, seed=1, bounds={"input_ids": 30, "token_type_ids": 2})
+    assert feeds["input_ids"].max() == 29 and feeds["token_type_ids"].max() == 1
 
 
 def test_non_tensor_outputs_and_models_without_inputs_are_input_errors(tmp_path: Path) -> None:
