@@ -423,6 +423,9 @@ def _open_data(
         warnings.append(WEAK_SIGNAL_WARNING)
         bounds = gather_index_bounds(runner.model_path)
         return ArraySource(random_inputs(runner.inputs, count, dims, bounds=bounds), "<random>"), "random"
+    if dims:
+        warnings.append(f"--dim {', '.join(f'{k}={v}' for k, v in dims.items())} is ignored: the data gives "
+                        "every size (--dim only sizes random inputs)")
     if isinstance(data, Mapping):
         return ArraySource(dict(data)), "<arrays>"
     if isinstance(data, (str, os.PathLike)):

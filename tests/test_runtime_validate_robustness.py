@@ -239,6 +239,10 @@ def test_random_ids_stay_inside_the_embedding_tables_they_index(tmp_path: Path, 
          InputSpec("token_type_ids", np.dtype(np.int32), ("batch", "seq"))],
         4000, {"seq": 3}, seed=1, bounds={"input_ids": 30, "token_type_ids": 2})
     assert feeds["input_ids"].max() == 29 and feeds["token_type_ids"].max() == 1
+    ids = {"input_ids": rng.integers(0, 30, (8, 5)), "token_type_ids": np.zeros((8, 5), np.int32),
+           "attention_mask": np.ones((8, 5), np.int64)}
+    with_data = validate(model, model, data=ids, dims={"seq": 7}, measure_speed=False)
+    assert any("--dim seq=7 is ignored" in w for w in with_data.warnings)
 
 
 def test_non_tensor_outputs_and_models_without_inputs_are_input_errors(tmp_path: Path) -> None:
