@@ -268,6 +268,8 @@ class ShardWriter:
     _queued_shards: int | None = None
     _executor: ThreadPoolExecutor | None = None
     _pending: Future[None] | None = None
+    #: With ``force``: where the earlier run's outputs wait until this run completes.
+    replaced: Path | None = None
 
     @property
     def shards(self) -> list[dict[str, Any]]:
@@ -318,9 +320,10 @@ class ShardWriter:
             for path in folder.iterdir():
                 if path.name.startswith((".manifest", ".part-", "part-")):
                     path.unlink()
+        replaced = None
         if folder.exists() and any(folder.iterdir()):
             if force:
-                cls._clear(folder)
+                replaced = cls._set_aside(folder)
             elif existing:
                 raise InputError(
                     f"{folder}: holds the outputs of an earlier run; pass --resume to continue it "
@@ -341,19 +344,49 @@ class ShardWriter:
             "shards": [],
             "complete": False,
         }
-        writer = cls(folder, manifest)
+        writer = cls(folder, manifest, replaced=replaced)
         writer._write_manifest(sync=False)  # commits nothing yet: no need to wait for the disk
         return writer
 
     @staticmethod
-    def _clear(folder: Path) -> None:
-        """Removes what a run writes (manifest, shards, temporaries); anything else is refused."""
+    def _ours(folder: Path) -> list[Path]:
+        """What a run writes in ``folder`` (manifest, shards, temporaries); anything else is refused."""
         ours = [p for p in folder.iterdir() if p.name == MANIFEST or p.name.startswith(("part-", ".part-", ".manifest"))]
         others = [p.name for p in folder.iterdir() if p not in ours]
         if others:
             raise InputError(f"{folder}: holds files no run wrote ({', '.join(sorted(others)[:3])}); not replacing it")
-        for path in ours:
+        return ours
+
+    @classmethod
+    def _set_aside(cls, folder: Path) -> Path | None:
+        """``--force``: moves an earlier run's outputs beside the folder until the new run completes.
+
+        Nothing is lost when the new run fails: :meth:`restore` puts them back, and after a
+        kill they are still in ``.NAME.replaced`` (removed when a run in the folder completes).
+        A folder set aside by an earlier forced run that never completed is kept as it is (it
+        holds the last complete outputs); the partial outputs in ``folder`` are removed.
+        """
+        ours = cls._ours(folder)
+        aside = replaced_path(folder)
+        if aside.exists():
+            for path in ours:
+                path.unlink()
+            return None
+        folder.rename(aside)
+        folder.mkdir()
+        logger.info("the earlier outputs in %s wait in %s until this run completes", folder, aside)
+        return aside
+
+    def restore(self) -> None:
+        """Undoes a forced replacement after a failure: this run's files go, the earlier outputs come back."""
+        if self.replaced is None or not self.replaced.is_dir():
+            return
+        for path in self._ours(self.folder):
             path.unlink()
+        self.folder.rmdir()
+        self.replaced.rename(self.folder)
+        logger.info("put the earlier outputs back in %s", self.folder)
+        self.replaced = None
 
     def _check_resume(self, fingerprint: dict[str, Any], shard_rows: int | None) -> None:
         m = self.manifest
@@ -483,6 +516,15 @@ class ShardWriter:
         if not self.manifest["complete"]:
             self.manifest["complete"] = True
             self._write_manifest()
+        aside = replaced_path(self.folder)  # also after a forced run that was killed, then resumed
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        self.replaced = None
+
+
+def replaced_path(folder: Path) -> Path:
+    """Where ``--force`` keeps the earlier outputs of ``folder`` while it replaces them."""
+    return folder.with_name(f".{folder.name}.replaced")
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:

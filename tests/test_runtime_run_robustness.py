@@ -351,3 +351,47 @@ def test_resume_of_a_finished_parquet_output_is_a_no_op(tmp_path: Path, rng: np.
     with pytest.raises(InputError, match=r"out.parquet: the output already exists"):
         BatchRunner(model, batch_size=8).run(tmp_path / "in.npz", output, resume=True)
     assert output.read_bytes() == written
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_force_keeps_the_earlier_outputs_until_the_new_run_completes(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Was: --force deleted the earlier run's shards before the new run started, so a new run
+    that failed half-way lost both."""
+    from onnxpress.runtime.shards import ShardWriter, replaced_path, run_fingerprint
+
+    model = save(parse(SCALE), tmp_path / "m.onnx")
+    np.savez(tmp_path / "old.npz", **scale_data(rng, 40))
+    np.savez(tmp_path / "new.npz", **scale_data(rng, 64))
+    runner = BatchRunner(model, batch_size=8)
+    out = tmp_path / "out"
+    runner.run(tmp_path / "old.npz", out, shard_rows=16)
+    before = _folder_bytes(out)
+
+    def fail(done: int, total: int) -> None:
+        if done >= 40:
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        runner.run(tmp_path / "new.npz", out, shard_rows=16, force=True, progress=fail)
+    assert _folder_bytes(out) == before and not replaced_path(out).exists()
+
+    # killed half-way (nothing could put the old outputs back): both are kept, and a resumed run
+    # that completes removes the old ones
+    ShardWriter.open(out, fingerprint=run_fingerprint(model, tmp_path / "new.npz", 64, 8), resume=False,
+                     force=True, output_format="npz", batch_size=8, shard_rows=16, total_rows=64)
+    assert _folder_bytes(replaced_path(out)) == before
+    # forced again: the set-aside outputs are the last complete ones and stay; the partial run goes
+    ShardWriter.open(out, fingerprint=run_fingerprint(model, tmp_path / "new.npz", 64, 8), resume=False,
+                     force=True, output_format="npz", batch_size=8, shard_rows=16, total_rows=64)
+    assert _folder_bytes(replaced_path(out)) == before and os.listdir(out) == ["manifest.json"]
+    runner.run(tmp_path / "new.npz", out, shard_rows=16, resume=True)
+    assert not replaced_path(out).exists()
+    got = read_outputs(out)["y"]
+    np.testing.assert_array_equal(got, run_ort(parse(SCALE), dict(np.load(tmp_path / "new.npz")))[0])
+
+    # a forced run that completes replaces the outputs and leaves nothing beside them
+    runner.run(tmp_path / "old.npz", out, shard_rows=16, force=True)
+    assert _folder_bytes(out) == before and not replaced_path(out).exists()
