@@ -329,7 +329,7 @@ class BatchRunner:
             message = " ".join(str(exc).split())
             raise InputError(f"onnxruntime cannot run the model on a batch of {rows} rows: {message}") from exc
         if pad:
-            outputs = [o[:rows] for o in outputs]
+            outputs = [o[:rows] if getattr(o, "ndim", 0) else o for o in outputs]  # a scalar has no rows to trim
         return dict(zip(self.output_names, outputs, strict=True))
 
     def _check_declared_outputs(self) -> list[InputSpec]:

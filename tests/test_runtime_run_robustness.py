@@ -395,3 +395,21 @@ def test_force_keeps_the_earlier_outputs_until_the_new_run_completes(tmp_path: P
     # a forced run that completes replaces the outputs and leaves nothing beside them
     runner.run(tmp_path / "old.npz", out, shard_rows=16, force=True)
     assert _folder_bytes(out) == before and not replaced_path(out).exists()
+
+
+def test_a_padded_fixed_batch_keeps_scalar_outputs_whole(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Was: trimming the padded rows sliced every output, and a scalar output raised IndexError."""
+    proto = parse("""
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[4, 3] x) => (float[4, 3] y, float total)
+{
+    y = Relu(x)
+    total = ReduceSum<keepdims = 0>(x)
+}
+""")
+    runner = BatchRunner(save(proto, tmp_path / "m.onnx"), batch_size=4)
+    x = rng.standard_normal((3, 3)).astype(np.float32)
+    got = runner.run_batch({"x": x})
+    padded = np.concatenate([x, x[-1:]])
+    np.testing.assert_array_equal(got["y"], np.maximum(x, 0))
+    assert got["total"].shape == () and got["total"] == run_ort(proto, {"x": padded})[1]
