@@ -447,11 +447,11 @@ def _column_to_numpy(path: Path, name: str, column: Any) -> np.ndarray:
 
 
 class FolderSource:
-    """Every ``.npz``/``.npy``/``.parquet`` file of a folder, in name order, one after another."""
+    """Every ``.npz``/``.npy``/``.parquet``/``.pq`` file of a folder, in name order, one after another."""
 
     def __init__(self, path: Path, only: Sequence[str] | None = None) -> None:
         self.path = path
-        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy", ".parquet") and p.is_file())
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy", ".parquet", ".pq") and p.is_file())
         if not files:
             raise InputError(f"{path}: the folder holds no .npz, .npy or .parquet shards")
         self._parts = [open_file(f, only) for f in files]

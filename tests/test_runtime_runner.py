@@ -137,6 +137,12 @@ def test_npy_and_folder_of_shards_and_parquet_inputs(tmp_path: Path, rng: np.ran
     np.savez(folder / "a.npz", x=x[:17])
     BatchRunner(model, batch_size=8).run(folder, tmp_path / "out2")
     np.testing.assert_array_equal(read_outputs(tmp_path / "out2")["s"], expected[1])
+    pq_folder = tmp_path / "pq"  # Parquet parts as Spark and others name them
+    pq_folder.mkdir()
+    pq.write_table(table.slice(0, 20), pq_folder / "part-0.pq")
+    pq.write_table(table.slice(20), pq_folder / "part-1.pq")
+    BatchRunner(model, batch_size=8).run(pq_folder, tmp_path / "out3")
+    np.testing.assert_array_equal(read_outputs(tmp_path / "out3")["y"], expected[0])
 
 
 def test_parquet_output_single_file(tmp_path: Path, rng: np.random.Generator) -> None:
