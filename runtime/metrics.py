@@ -17,7 +17,9 @@ numbers per output plus one cosine per sample. With reference ``r`` and candidat
   taken once over all samples (the column of values is the vector), and mean and minimum are
   that one value;
 * top-1 agreement (outputs that hold class scores, ``[N, C]``): the share of samples whose
-  arg-max is the same;
+  arg-max is the same; for integer and bool outputs, the share of values that are equal (an
+  arg-max head that outputs class ids agrees exactly when the top-1 class does; a mask, element
+  by element);
 * SQNR (used by localization): :math:`10 \log_{10} \frac{\sum r^2}{\sum (r - c)^2}` dB.
 
 Non-finite values: an element where both outputs hold the same infinity, or both NaN, is an
@@ -123,6 +125,9 @@ class OutputMetrics:
     sum_sq_error: float = 0.0
     sum_sq_reference: float = 0.0
     top1_matches: int = 0
+    #: Integer or bool output: agreement is the share of equal values (``equal_values``).
+    exact_values: bool = False
+    equal_values: int = 0
     nonfinite: int = 0
     shape_mismatch: str = ""
     cosines: list[np.ndarray] = field(default_factory=list, repr=False)
@@ -141,6 +146,9 @@ class OutputMetrics:
             return
         if self.samples == 0:
             self.class_scores = holds_class_scores(self.name, reference.shape, reference.dtype)
+            self.exact_values = reference.dtype == np.bool_ or np.issubdtype(reference.dtype, np.integer)
+        if self.exact_values:
+            self.equal_values += int(np.count_nonzero(reference == candidate))
         # Differences in the outputs' own precision (float32 unless float64, or integers that
         # float32 cannot hold exactly: ids above 2**24 differing by one); every sum in float64.
         work = np.float64 if _needs_float64(reference.dtype) or _needs_float64(candidate.dtype) else np.float32
@@ -216,8 +224,13 @@ class OutputMetrics:
 
     @property
     def top1_agreement(self) -> float | None:
-        """Percentage of samples with the same arg-max, or None for outputs that are not class scores."""
-        return 100.0 * self.top1_matches / self.samples if self.class_scores and self.samples else None
+        """Percentage of samples with the same arg-max (class scores), or of equal values (integer
+        and bool outputs); None for other outputs."""
+        if self.class_scores and self.samples:
+            return 100.0 * self.top1_matches / self.samples
+        if self.exact_values and self.elements:
+            return 100.0 * self.equal_values / self.elements
+        return None
 
     @property
     def sqnr_db(self) -> float:

@@ -871,10 +871,11 @@ def validate(
     finally:
         if isinstance(data, (str, os.PathLike)):
             source.close()
-    if tolerances.min_top1_agreement is not None and not any(m.class_scores for m in report.outputs.values()):
+    if tolerances.min_top1_agreement is not None and not any(
+            m.class_scores or m.exact_values for m in report.outputs.values()):
         report.warnings.append(
             "the top-1 agreement check is not applied: no output holds class scores (floating [samples, classes >= 2], "
-            "not named as features)")
+            "not named as features) or integer values")
     report.checks = _verdict(report)
     report.seconds = time.perf_counter() - began
     logger.info("validated %s against %s on %d samples: %s", candidate, reference, rows,

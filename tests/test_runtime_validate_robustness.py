@@ -372,8 +372,17 @@ def test_integer_outputs_are_compared_exactly(tmp_path: Path, rng: np.random.Gen
     report = validate(ref, cand, data={"x": ids}, measure_speed=False, tolerances=Tolerances(max_abs_error=0.5))
     assert report.outputs["y"].max_abs_error == 1.0 and report.outputs["y"].mean_abs_error == 1.0
     assert not report.passed
+    # integer outputs (an arg-max head's class ids, a mask): agreement is the share of equal values
+    same = validate(ref, ref, data={"x": ids}, measure_speed=False, tolerances=Tolerances(min_top1_agreement=99))
+    assert same.passed and same.outputs["y"].top1_agreement == 100.0
+    half = save(tmp_path, "half.onnx", "g (int64[N, 3] x) => (int64[N, 3] y) { y = Mul(x, m) }",
+                m=np.array([1, 1, 2], np.int64))
+    off = validate(ref, half, data={"x": ids}, measure_speed=False, tolerances=Tolerances(min_top1_agreement=99))
+    assert off.outputs["y"].top1_agreement == pytest.approx(100 * 2 / 3) and not off.passed
     # a top-1 check that no output can take is said, not dropped in silence
-    quiet = validate(ref, ref, data={"x": ids}, measure_speed=False, tolerances=Tolerances(min_top1_agreement=99))
+    flt = save(tmp_path, "f.onnx", "g (float[N] x) => (float[N] y) { y = Identity(x) }")
+    quiet = validate(flt, flt, data={"x": rng.standard_normal(20).astype(np.float32)}, measure_speed=False,
+                     tolerances=Tolerances(min_top1_agreement=99))
     assert quiet.passed and any("top-1 agreement check is not applied" in w for w in quiet.warnings)
 
 

@@ -20,7 +20,7 @@ TOLERANCE_FLAGS = (
     ("--max-abs-error", "max_abs_error", "every output's maximum absolute error must stay within this"),
     ("--max-mean-abs-error", "max_mean_abs_error", "every output's mean absolute error must stay within this"),
     ("--max-rel-l2", "max_rel_l2", "every output's relative L2 error must stay within this"),
-    ("--min-top1-agreement", "min_top1_agreement", "percent of samples whose top-1 class agrees"),
+    ("--min-top1-agreement", "min_top1_agreement", "percent of samples whose top-1 class agrees (equal values for integer outputs)"),
     ("--max-accuracy-drop", "max_accuracy_drop", "accuracy drop in percentage points, with labels (default 1.0)"),
     ("--min-speedup", "min_speedup", "candidate/reference throughput must reach this"),
     ("--max-size-ratio", "max_size_ratio", "candidate/reference size on disk must stay within this"),
