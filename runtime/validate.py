@@ -326,7 +326,7 @@ def gather_index_bounds(path: str | os.PathLike[str]) -> dict[str, int]:
                 proto = packed.graph_proto()
         else:
             proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # the session already opened it; bounds are only a refinement
+    except Exception as exc:  # noqa: BLE001 - the session already opened it; bounds only refine
         logger.debug("no index bounds for %s: %s", path, exc)
         return {}
     graph = proto.graph

@@ -370,7 +370,7 @@ def test_default_shards_cut_the_final_stretch_into_quarters_and_resume_identical
     tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Default sizing: the last shard_rows rows go out as quarter shards (a small last write)."""
-    import onnxpress.runtime.shards as shards
+    from onnxpress.runtime import shards
 
     monkeypatch.setattr(shards, "MIN_SHARD_BYTES", 288 * 64)  # 64 rows of the chain model's 72 floats
     model = save(chain_model(rng), tmp_path / "m.onnx")
