@@ -132,18 +132,23 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def decode_frame(frame: bytes | memoryview, size: int) -> bytes:
-    """Decodes one zstd frame that must hold exactly ``size`` bytes.
-
-    The frame's declared content size is checked before anything is decompressed, and the
-    output is capped at ``size``, so a frame cannot expand past what was declared.
-    """
+def _check_declared_size(frame: bytes | memoryview, size: int) -> None:
+    """Refuses a frame whose header does not declare exactly ``size`` bytes (before decoding)."""
     try:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as exc:
         raise CodecError(f"not a zstd frame: {exc}") from exc
     if declared != size:
         raise CodecError(f"zstd frame declares {declared} bytes, expected {size}")
+
+
+def decode_frame(frame: bytes | memoryview, size: int) -> bytes:
+    """Decodes one zstd frame that must hold exactly ``size`` bytes.
+
+    The frame's declared content size is checked before anything is decompressed, and the
+    output is capped at ``size``, so a frame cannot expand past what was declared.
+    """
+    _check_declared_size(frame, size)
     try:
         out = _decompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
@@ -160,12 +165,7 @@ def decode_frame_into(frame: bytes | memoryview, out: np.ndarray) -> None:
     its copy: multi-chunk tensors are decoded into their slices of the tensor's buffer.
     """
     size = out.nbytes
-    try:
-        declared = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"not a zstd frame: {exc}") from exc
-    if declared != size:
-        raise CodecError(f"zstd frame declares {declared} bytes, expected {size}")
+    _check_declared_size(frame, size)
     target = memoryview(out).cast("B")
     try:
         with _decompressor().stream_reader(frame, read_across_frames=True) as reader:
@@ -175,8 +175,10 @@ def decode_frame_into(frame: bytes | memoryview, out: np.ndarray) -> None:
             extra = reader.read(1)
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt zstd frame: {exc}") from exc
-    if filled != size or extra:
-        raise CodecError(f"zstd frame decoded to {filled if not extra else 'more than ' + str(size)} bytes, expected {size}")
+    if extra:
+        raise CodecError(f"zstd frame decoded to more than {size} bytes, expected {size}")
+    if filled != size:
+        raise CodecError(f"zstd frame decoded to {filled} bytes, expected {size}")
 
 
 class _Reader:
