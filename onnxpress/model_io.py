@@ -33,6 +33,27 @@ EXTERNAL_DATA_THRESHOLD_BYTES = int(1.5 * 1024**3)
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 
+def external_data_files(path: str | os.PathLike[str]) -> list[str]:
+    """The external-data locations an ``.onnx`` file names (in subgraphs too), sorted.
+
+    Only the graph is parsed, without its weights. Other files (a packed ``.onnxz``) and
+    files onnx cannot parse name none.
+    """
+    path = Path(path)
+    if path.suffix != ".onnx":
+        return []
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - callers only refine a size or a fingerprint with this
+        return []
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data  # walks subgraphs too
+
+    return sorted({
+        entry.value for tensor in _get_all_tensors(proto) if uses_external_data(tensor)
+        for entry in tensor.external_data if entry.key == "location"
+    })
+
+
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
     """Loads an ONNX model with its external data memory-mapped.
 

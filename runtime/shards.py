@@ -90,23 +90,14 @@ def _external_data_fingerprint(model: Path) -> list[list[Any]]:
 
     The weights of such a model live beside it, so a resumed run must check them too: the
     model file alone can stay the same while its ``.onnx.data`` is replaced. The graph is
-    parsed without its weights; packed and very large files are not scanned.
+    parsed without its weights; very large model files are not scanned.
     """
-    if model.suffix != ".onnx" or not model.is_file() or model.stat().st_size > _EXTERNAL_SCAN_BYTES:
+    if not model.is_file() or model.stat().st_size > _EXTERNAL_SCAN_BYTES:
         return []
-    try:
-        import onnx
-        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    from onnxpress.model_io import external_data_files
 
-        proto = onnx.load(model, load_external_data=False)
-    except Exception:  # noqa: BLE001 - not parseable here (onnxruntime has already loaded it): no extra check
-        return []
-    locations = sorted({
-        entry.value for tensor in _get_all_tensors(proto) if uses_external_data(tensor)
-        for entry in tensor.external_data if entry.key == "location"
-    })
     out = []
-    for location in locations:
+    for location in external_data_files(model):
         path = model.parent / location
         stat = path.stat() if path.is_file() else None
         out.append([location, stat.st_size if stat else None, stat.st_mtime_ns if stat else None])

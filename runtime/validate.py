@@ -42,6 +42,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from onnxpress import __version__
 from onnxpress.errors import InputError, RecipeError
+from onnxpress.model_io import external_data_files
 from onnxpress.report import format_table, human_bytes, write_json
 from onnxpress.runtime.data import ArraySource, InputSource, iter_slices, open_source
 from onnxpress.runtime.localize import NodeError
@@ -289,20 +290,8 @@ def _finite(data: Any) -> Any:
 def artifact_bytes(path: str | os.PathLike[str]) -> int:
     """Size on disk of a model artifact: the file plus every external data file an ``.onnx`` names."""
     path = Path(path)
-    size = path.stat().st_size
-    if path.suffix != ".onnx":
-        return size
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # a file onnx cannot read has no external data we could find
-        return size
-    locations = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):  # noqa: SLF001 - walks subgraphs too
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+    extra = [path.parent / location for location in external_data_files(path)]
+    return path.stat().st_size + sum(p.stat().st_size for p in extra if p.is_file())
 
 
 #: Ops that pass integer ids through unchanged in value (so a Gather after them still bounds them).
