@@ -447,13 +447,11 @@ class BatchRunner:
                     writer.add(outputs)
                     if progress is not None:
                         progress(hi, source.num_rows)
-                writer.finish()
+                writer.finish()  # closes the writer
             except BaseException:
                 writer.close()  # on Ctrl-C too: the shard being written is finished and kept
                 writer.restore()  # a forced replacement that failed gives the earlier outputs back
                 raise
-            finally:
-                writer.close()
             seconds = time.perf_counter() - began
             if single_parquet:
                 assemble_parquet(folder, output, force=force)
