@@ -189,6 +189,14 @@ def check_source(
     return {k: v for k, (v, _) in bound.items()}
 
 
+def pad_rows(feeds: Mapping[str, np.ndarray], rows: int | None) -> dict[str, np.ndarray]:
+    """Pads a short batch to ``rows`` rows by repeating its last row (a fixed-batch model's last batch)."""
+    have = len(next(iter(feeds.values()))) if feeds else 0
+    if rows is None or not feeds or have >= rows:
+        return dict(feeds)
+    return {k: np.pad(v, [(0, rows - have)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in feeds.items()}
+
+
 def _check_outputs(
     outputs: Mapping[str, Any], lo: int, hi: int, expected: Mapping[str, Mapping[str, Any]] | None = None
 ) -> None:
@@ -317,19 +325,17 @@ class BatchRunner:
         rows = len(prepared[self._input_names[0]]) if self._input_names else 0
         pad = self.fixed_batch is not None and rows < self.fixed_batch
         for name, dtype in self._input_dtypes:
-            array = prepared[name]
-            if array.dtype != dtype:
-                array = prepared[name] = array.astype(dtype)
-            if pad:
-                widths = [(0, self.fixed_batch - rows)] + [(0, 0)] * (array.ndim - 1)  # type: ignore[operator]
-                prepared[name] = np.pad(array, widths, mode="edge")
+            if prepared[name].dtype != dtype:
+                prepared[name] = prepared[name].astype(dtype)
+        if pad:
+            prepared = pad_rows(prepared, self.fixed_batch)
         try:
             outputs = self.session.run(self.output_names, prepared, self._run_options)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidArgument...)
             message = " ".join(str(exc).split())
             raise InputError(f"onnxruntime cannot run the model on a batch of {rows} rows: {message}") from exc
-        if pad:
-            outputs = [o[:rows] if getattr(o, "ndim", 0) else o for o in outputs]  # a scalar has no rows to trim
+        if pad:  # trims the outputs that have a row per padded sample; a scalar has none
+            outputs = [o[:rows] if getattr(o, "ndim", 0) and len(o) == self.fixed_batch else o for o in outputs]
         return dict(zip(self.output_names, outputs, strict=True))
 
     def _check_declared_outputs(self) -> list[InputSpec]:

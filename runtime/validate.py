@@ -48,7 +48,7 @@ from onnxpress.runtime.data import ArraySource, InputSource, iter_slices, open_s
 from onnxpress.runtime.localize import NodeError
 from onnxpress.runtime.localize import localize as localize_nodes
 from onnxpress.runtime.metrics import OutputMetrics, holds_class_scores
-from onnxpress.runtime.runner import ORT_DTYPES, BatchRunner, InputSpec
+from onnxpress.runtime.runner import ORT_DTYPES, BatchRunner, InputSpec, pad_rows
 from onnxpress.sessions import load_session
 
 logger = logging.getLogger(__name__)
@@ -534,12 +534,8 @@ def _run_checked(
             and for random inputs says to pass real data), or an output is not a tensor
             (a sequence or map).
     """
-    rows = hi - lo
-    fixed = runner.fixed_batch
     try:
-        # a short last batch of a fixed-batch model is padded here, not in the runner, so that an
-        # output without a first axis of samples (a scalar) is kept whole, not sliced
-        outputs = runner.run_batch(_pad_rows(dict(feeds), fixed) if fixed and rows < fixed else feeds)
+        outputs = runner.run_batch(feeds)  # pads a fixed batch size's short batch and trims it back
     except (*_ORT_ERRORS, InputError) as exc:  # the runner may already say it as an InputError
         reason = " ".join(str(exc).split())
         if not isinstance(exc, InputError):
@@ -554,9 +550,6 @@ def _run_checked(
         if not isinstance(value, np.ndarray):
             raise InputError(f"{label} {runner.model_path}: output {name!r} is a {type(value).__name__}, not a "
                              "tensor; validate compares tensor outputs")
-    if fixed and rows < fixed:
-        outputs = {name: value[:rows] if value.ndim and len(value) == fixed else value
-                   for name, value in outputs.items()}
     return outputs
 
 
@@ -564,16 +557,6 @@ def _stackable(arrays: list[np.ndarray]) -> bool:
     """Whether arrays can be joined along the first axis (same rank and trailing dimensions)."""
     first = arrays[0].shape[1:]
     return all(a.ndim == arrays[0].ndim and a.shape[1:] == first for a in arrays)
-
-
-def _pad_rows(feeds: dict[str, np.ndarray], rows: int | None) -> dict[str, np.ndarray]:
-    """Pads a short batch to ``rows`` rows by repeating its last row (as the runner does)."""
-    if rows is None:
-        return feeds
-    have = len(next(iter(feeds.values()))) if feeds else rows
-    if have >= rows:
-        return feeds
-    return {k: np.pad(v, [(0, rows - have)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in feeds.items()}
 
 
 def compare_threads(threads: int | None) -> int:
@@ -838,8 +821,8 @@ def validate(
             report.candidate.accuracy = None if correct["c"] is None else 100.0 * correct["c"] / rows
         if measure_speed and first_feeds is not None:
             timed_rows = min(batch_size, rows)
-            # padded here for a fixed batch size (see _run_checked); throughput counts the real rows
-            full = _pad_rows(source.read(0, timed_rows, inputs), batch_size if fixed else None)
+            # padded before timing for a fixed batch size (no padding inside the timed runs); throughput counts the real rows
+            full = pad_rows(source.read(0, timed_rows, inputs), batch_size if fixed else None)
             # timed as a user runs a model, with all the threads; the comparison's sessions go first
             del ref_runner, cand_runner
             report.reference.samples_per_second, report.candidate.samples_per_second = _measure_speed(
@@ -848,7 +831,7 @@ def validate(
             report.speed_repeats = speed_repeats
         if localize:
             # localization runs bare sessions: a fixed batch size gets full batches (the last one padded)
-            batches = (_pad_rows(source.read(lo, hi, inputs), batch_size if fixed else None)
+            batches = (pad_rows(source.read(lo, hi, inputs), batch_size if fixed else None)
                        for lo, hi in iter_slices(rows, batch_size))
             try:
                 report.localization = localize_nodes(reference, candidate, batches, value_map=value_map,
