@@ -65,7 +65,7 @@ import onnxruntime as ort
 from onnxpress.errors import InputError
 from onnxpress.graphs import constant_value, infer_shapes
 from onnxpress.model_io import load_model, save_model
-from onnxpress.runtime.metrics import MAX_SQNR_DB, sqnr_db
+from onnxpress.runtime.metrics import MAX_SQNR_DB, same_value, sqnr_db
 from onnxpress.runtime.runner import ORT_DTYPES
 from onnxpress.sessions import session_options
 
@@ -411,8 +411,7 @@ def _difference(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         diff = reference - candidate
     if reference.dtype.kind == "f" and not np.isfinite(diff).all():
-        same = (reference == candidate) | (np.isnan(reference) & np.isnan(candidate))
-        diff = np.where(same, 0, diff)
+        diff = np.where(same_value(reference, candidate), 0, diff)
     return diff
 
 

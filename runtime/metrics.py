@@ -89,6 +89,11 @@ def holds_class_scores(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bo
     )
 
 
+def same_value(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Where both hold the same value, NaN counting as the same as NaN (module docstring)."""
+    return (reference == candidate) | (np.isnan(reference) & np.isnan(candidate))
+
+
 def _needs_float64(dtype: np.dtype) -> bool:
     """float64 outputs, and integers of 32 bits or more, are compared in float64."""
     return dtype == np.float64 or (np.issubdtype(dtype, np.integer) and dtype.itemsize >= 4)
@@ -160,7 +165,7 @@ class OutputMetrics:
         if not np.isfinite(diff).all():  # rare: count and zero the non-finite differences
             finite = np.isfinite(diff)
             # the same infinity, or NaN, on both sides is an exact match, not an error
-            same = ~finite & ((r == c) | (np.isnan(r) & np.isnan(c)))
+            same = ~finite & same_value(r, c)
             self.nonfinite += int(diff.size - np.count_nonzero(finite) - np.count_nonzero(same))
             diff = np.where(finite, diff, 0)
             r = np.where(np.isfinite(r), r, 0)
