@@ -8,7 +8,7 @@ walk lives here once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -171,21 +171,22 @@ def _has_map(type_proto: onnx.TypeProto) -> bool:
     return False
 
 
+def nested_graphs(nodes: Iterable[onnx.NodeProto]) -> list[onnx.GraphProto]:
+    """Every graph held in the nodes' attributes (If/Loop/Scan bodies), at any depth."""
+    found: list[onnx.GraphProto] = []
+    for node in nodes:
+        for attr in node.attribute:
+            for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                found.append(graph)
+                found.extend(nested_graphs(graph.node))
+    return found
+
+
 def proto_graphs(proto: onnx.ModelProto) -> list[onnx.GraphProto]:
     """Every graph of the model: the main graph and the subgraphs in it and in its functions."""
-    found: list[onnx.GraphProto] = []
-
-    def visit_nodes(nodes) -> None:
-        for node in nodes:
-            for attr in node.attribute:
-                for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                    found.append(graph)
-                    visit_nodes(graph.node)
-
-    found.append(proto.graph)
-    visit_nodes(proto.graph.node)
+    found = [proto.graph, *nested_graphs(proto.graph.node)]
     for function in proto.functions:
-        visit_nodes(function.node)
+        found.extend(nested_graphs(function.node))
     return found
 
 

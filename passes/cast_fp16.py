@@ -39,6 +39,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from onnxpress.graphs import nested_graphs
 from onnxpress.passes.base import OnnxpressPass, option
 from onnxpress.passes.quant_common import NodeFilter, adopt, check_exclusions, load_for_adopt, to_proto_file
 from onnxpress.passes.registry import register
@@ -106,17 +107,6 @@ def _loads(path: Path) -> str | None:
     return lines[-1].split(": ", 1)[-1] if lines else f"exit status {proc.returncode}"
 
 
-def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """Every graph nested in ``graph``'s node attributes, at any depth."""
-    found = []
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                found.append(sub)
-                found.extend(_subgraphs(sub))
-    return found
-
-
 def move_casts_into_subgraphs(model: onnx.ModelProto) -> int:
     """Moves each main-graph ``Cast`` whose input is defined only inside a subgraph into it.
 
@@ -125,7 +115,7 @@ def move_casts_into_subgraphs(model: onnx.ModelProto) -> int:
     Casts are moved in turn. Returns how many were moved.
     """
     main = model.graph
-    subgraphs = _subgraphs(main)
+    subgraphs = nested_graphs(main.node)
     if not subgraphs:
         return 0
     moved = 0
