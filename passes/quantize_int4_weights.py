@@ -106,9 +106,7 @@ def gemm_to_matmul(model: ir.Model, node_filter: NodeFilter) -> int:
         key = (id(node.inputs[1]), trans_b, alpha)
         weight = made.get(key)
         if weight is None:  # a weight shared by several Gemms (tied layers) is converted once
-            name, i = f"{node.inputs[1].name}_matmul", 1
-            while name in graph.initializers:
-                name, i = f"{node.inputs[1].name}_matmul_{i}", i + 1
+            name = _unique_name(f"{node.inputs[1].name}_matmul", set(graph.initializers))
             weight = ir.Value(name=name, const_value=ir.tensor(w * np.float32(alpha)),
                               shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT))
             graph.register_initializer(weight)
@@ -119,9 +117,7 @@ def gemm_to_matmul(model: ir.Model, node_filter: NodeFilter) -> int:
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None:
             if beta != 1.0:
-                beta_name, i = f"{base}_beta", 1
-                while beta_name in graph.initializers:
-                    beta_name, i = f"{base}_beta_{i}", i + 1
+                beta_name = _unique_name(f"{base}_beta", set(graph.initializers))
                 scale = ir.Value(name=beta_name, const_value=ir.tensor(np.array(beta, np.float32)),
                                  shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
                 graph.register_initializer(scale)
