@@ -32,3 +32,16 @@ def test_failure_leaves_the_target_and_no_temporary(tmp_path: Path) -> None:
             raise RuntimeError("boom")
     assert target.read_bytes() == b"precious"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+@pytest.mark.parametrize("sync_folder", [True, False])
+def test_folder_sync_can_be_left_to_a_later_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  sync_folder: bool) -> None:
+    import onnxpress.atomic as atomic
+
+    synced: list[str] = []
+    monkeypatch.setattr(atomic, "fsync_dir", lambda folder: synced.append(str(folder)))
+    with atomic_open(tmp_path / "a.bin", sync=True, sync_folder=sync_folder) as f:
+        f.write(b"x")
+    assert (tmp_path / "a.bin").read_bytes() == b"x"
+    assert synced == ([str(tmp_path)] if sync_folder else [])
