@@ -51,7 +51,7 @@ MANIFEST_FORMAT = "onnxpress-run/1"
 #: shards, each between the two sizes below. The last shard is written and synced after the
 #: last batch, with nothing left to overlap it, so it should be a small part of the run; the
 #: others are written while the next batches compute. Each shard costs two file creations,
-#: four fsyncs and a manifest rewrite besides its bytes (about 1.5 ms of CPU here), which a
+#: three fsyncs and a manifest rewrite besides its bytes (about 1.5 ms of CPU here), which a
 #: model doing little work per output byte notices: 4 MiB shards cut the runner's overhead
 #: on a 1 GB input with 16 MiB of outputs from +33 % to +20 % against 1 MiB ones.
 SHARDS_PER_RUN = 64

@@ -37,7 +37,7 @@ def test_failure_leaves_the_target_and_no_temporary(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sync_folder", [True, False])
 def test_folder_sync_can_be_left_to_a_later_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   sync_folder: bool) -> None:
-    import onnxpress.atomic as atomic
+    from onnxpress import atomic
 
     synced: list[str] = []
     monkeypatch.setattr(atomic, "fsync_dir", lambda folder: synced.append(str(folder)))
