@@ -9,7 +9,10 @@ file, flushed to disk and renamed into place; only then is the manifest, which l
 committed shards with their row ranges, sizes and SHA-256, rewritten the same way. So at any
 instant -- a crash, a SIGKILL, Ctrl-C -- the manifest names only whole shards, and a resumed
 run starts after the last of them: shard files the manifest does not name (written just before
-the kill) are rewritten, never trusted.
+the kill) are rewritten, never trusted. A resumed run also checks every committed shard's size
+and SHA-256 (reading the outputs back costs far less than computing them): from the first
+shard that is missing or damaged (a disk error, a file changed by hand) on, the rows are
+computed again, and the shards before it are kept.
 
 Shards are byte-for-byte reproducible: ``.npz`` shards are written with a fixed zip timestamp
 (``numpy.savez`` stamps the current time), and shard boundaries depend only on ``batch_size``
@@ -435,10 +438,16 @@ class ShardWriter:
                 )
         if shard_rows is not None and m["shard_rows"] is not None and shard_rows != m["shard_rows"]:
             logger.warning("resuming with the run's %d rows per shard (not %d)", m["shard_rows"], shard_rows)
-        for shard in m["shards"]:
-            path = self.folder / shard["file"]
-            if not path.is_file() or path.stat().st_size != shard["bytes"]:
-                raise InputError(f"{path}: a committed shard is missing or changed size; use --force to start over")
+        for kept, shard in enumerate(m["shards"]):
+            problem = _shard_problem(self.folder / shard["file"], shard)
+            if problem is not None:
+                logger.warning(
+                    "%s: %s; recomputing from row %d (%d of %d committed shards are intact)",
+                    self.folder / shard["file"], problem, shard["start"], kept, len(m["shards"]),
+                )
+                del m["shards"][kept:]
+                m["complete"] = False
+                break
         named = {s["file"] for s in m["shards"]} | {MANIFEST}
         for path in self.folder.iterdir():
             if path.name not in named and path.name.startswith(("part-", ".part-", ".manifest")):
@@ -555,6 +564,19 @@ class ShardWriter:
         if aside.is_dir():
             shutil.rmtree(aside)
         self.replaced = None
+
+
+def _shard_problem(path: Path, shard: dict[str, Any]) -> str | None:
+    """What is wrong with a committed shard file (missing, another size, another SHA-256), or None."""
+    if not path.is_file():
+        return "the committed shard is missing"
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        return f"the committed shard has {size} bytes, the manifest says {shard['bytes']}"
+    with open(path, "rb") as f:
+        if hashlib.file_digest(f, "sha256").hexdigest() != shard["sha256"]:
+            return "the committed shard does not match its SHA-256 in the manifest"
+    return None
 
 
 def replaced_path(folder: Path) -> Path:

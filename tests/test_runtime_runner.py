@@ -411,3 +411,37 @@ def test_write_npz_from_batches_equals_the_stacked_array(tmp_path: Path, rng: np
     with np.load(tmp_path / "parts.npz") as loaded:
         np.testing.assert_array_equal(loaded["y"], stacked)
         assert loaded["y"].shape == (int(sizes.sum()) + 5, row_elements)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_resume_recomputes_from_the_first_damaged_shard(tmp_path: Path, rng: np.random.Generator,
+                                                        caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    """A committed shard that was damaged after the fact (same size, other bytes; cut short;
+    gone) is found by its SHA-256 on resume: the shards before it are kept, the rows from it
+    on are computed again, and the outputs equal an uninterrupted run's, byte for byte."""
+    model = save(chain_model(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", x=rng.standard_normal((300, 64)).astype(np.float32))
+    runner = BatchRunner(model, batch_size=16)
+    runner.run(tmp_path / "in.npz", tmp_path / "ref", shard_rows=48)
+    runner.run(tmp_path / "in.npz", tmp_path / "out", shard_rows=48)
+    shards = read_manifest(tmp_path / "out")["shards"]
+    bad = int(rng.integers(1, len(shards) - 1))
+    kept_mtime = (tmp_path / "out" / shards[bad - 1]["file"]).stat().st_mtime_ns
+    path = tmp_path / "out" / shards[bad]["file"]
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-100] ^= 0x01  # inside the last member's array bytes: the zip still opens
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        path.unlink()
+    with caplog.at_level("WARNING", logger="onnxpress.runtime.shards"):
+        result = runner.run(tmp_path / "in.npz", tmp_path / "out", resume=True)
+    assert result.resumed_from == shards[bad]["start"]
+    assert shards[bad]["file"] in caplog.text
+    assert (tmp_path / "out" / shards[bad - 1]["file"]).stat().st_mtime_ns == kept_mtime  # not rewritten
+    assert read_manifest(tmp_path / "out")["complete"]
+    assert read_manifest(tmp_path / "out")["shards"] == read_manifest(tmp_path / "ref")["shards"]
+    for shard in shards:
+        assert (tmp_path / "out" / shard["file"]).read_bytes() == (tmp_path / "ref" / shard["file"]).read_bytes()
