@@ -18,7 +18,7 @@ which only the protobuf message itself can promise. onnx_ir would re-create the 
 
 Names inside the container are never used as filesystem paths: members are looked up by
 name inside the ZIP, and the one name that can reach the disk (the external-data file of a
-model saved with external data) must be a bare, safe file name.
+model saved with external data) must be a safe relative path (:func:`is_safe_location`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ ZIP_MAGIC = b"PK\x03\x04"
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 _MEMBER_RE = re.compile(r"^t/[0-9]{6,12}\.bin$")
-_SAFE_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+#: Characters a file-name part may not hold: path separators, NUL and control characters,
+#: and the ones Windows reserves (a drive letter or stream after ``:``).
+_UNSAFE_CHARS_RE = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+#: Most folder levels an external-data location may have (``weights/w.bin`` has 2).
+MAX_LOCATION_DEPTH = 8
 
 
 
@@ -55,8 +59,26 @@ def tensor_member(index: int) -> str:
 
 
 def is_safe_file_name(name: str) -> bool:
-    """True for a bare file name with no folder part, no ``..`` and no odd characters."""
-    return bool(_SAFE_FILE_RE.match(name)) and ".." not in name
+    """True for one file-name part: not empty, ``.`` or ``..``, no separator, no control or
+    Windows-reserved character, at most 255 bytes in UTF-8. Unicode and spaces are fine
+    (onnx names external files after their tensors)."""
+    return (
+        name not in ("", ".", "..")
+        and not _UNSAFE_CHARS_RE.search(name)
+        and len(name.encode("utf-8", "surrogatepass")) <= 255
+    )
+
+
+def is_safe_location(location: str) -> bool:
+    """True for an external-data location that stays inside the model's folder.
+
+    A relative path of safe parts joined by ``/`` (``w.bin``, ``weights/w.bin``): no
+    absolute path, no ``..``, ``.`` or empty part, no backslash, at most
+    :data:`MAX_LOCATION_DEPTH` parts. Symlinks are a matter for the code that touches the
+    disk (see ``pack._ExternalData`` and ``unpack``).
+    """
+    parts = location.split("/")
+    return 0 < len(parts) <= MAX_LOCATION_DEPTH and all(is_safe_file_name(p) for p in parts)
 
 
 def dtype_name(data_type: int) -> str:
@@ -212,15 +234,22 @@ class Manifest:
             what = f"source.external_files[{i}]"
             check.is_dict(item, what)
             location = check.text(item.get("location"), what + ".location")
-            if not is_safe_file_name(location):
+            if not is_safe_location(location):
                 raise InputError(
-                    f"{where}: external data file name {location!r} is not a bare, safe file name"
+                    f"{where}: external data file name {location!r} is not a safe relative path "
+                    "(expected names joined by '/', with no '..', '.', absolute path or backslash)"
                 )
             manifest.external_files.append(
                 ExternalFile(location, check.size(item.get("size"), what + ".size"),
                              check.sha(item.get("sha256"), what + ".sha256"))
             )
-        locations = {f.location for f in manifest.external_files}
+        locations = {f.location: f.size for f in manifest.external_files}
+        folders = {loc.rsplit("/", i)[0] for loc in locations for i in range(1, loc.count("/") + 1)}
+        if len(locations) != len(manifest.external_files) or folders & set(locations):
+            raise InputError(
+                f"{where}: source.external_files names a file twice, or names a file that is "
+                "also the folder of another"
+            )
         for i, item in enumerate(tensors):
             manifest.tensors.append(check.tensor(item, i, locations))
         return manifest
@@ -268,7 +297,7 @@ class _Checker:
             raise self.fail(what, "a string", value)
         return value
 
-    def tensor(self, item: object, i: int, locations: set[str]) -> TensorEntry:
+    def tensor(self, item: object, i: int, locations: dict[str, int]) -> TensorEntry:
         what = f"tensors[{i}]"
         item = self.is_dict(item, what)
         name = self.text(item.get("name", ""), what + ".name")
@@ -325,6 +354,12 @@ class _Checker:
                 self.size(ext.get("offset"), what + ".external.offset"),
                 self.size(ext.get("length"), what + ".external.length"),
             )
+            if external.length != raw_size or external.offset + external.length > locations[location]:
+                raise InputError(
+                    f"{self.where}: tensor '{name}': its external bytes {external.offset}.."
+                    f"{external.offset + external.length} must be its {raw_size} raw bytes inside "
+                    f"'{location}', a {locations[location]}-byte file"
+                )
         return TensorEntry(
             name=name,
             dtype=dtype,

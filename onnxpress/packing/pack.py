@@ -54,7 +54,7 @@ from onnxpress.packing.format import (
     dtype_name,
     expected_raw_size,
     external_info,
-    is_safe_file_name,
+    is_safe_location,
     iter_tensor_protos,
     tensor_member,
 )
@@ -162,6 +162,12 @@ def pack(
 
     with _ExternalData(source) as external, contextlib.ExitStack() as stack:
         candidates = _collect(source, proto, external, min_bytes)
+        for location in external.maps:
+            if output.exists() and output.resolve() == (external.base_dir / location).resolve():
+                raise InputError(
+                    f"{output}: the output is '{location}', external data of the input model "
+                    f"{source}; choose another output path"
+                )
         external_files = external.describe()
         if any(not f[1] for f in external_files.values()):
             byte_exact = False
@@ -269,14 +275,23 @@ class _ExternalData:
         self.maps.clear()
 
     def read(self, tensor: onnx.TensorProto, location: str, offset: int, length: int) -> memoryview:
-        if not is_safe_file_name(location):
+        if not is_safe_location(location):
             raise InputError(
                 f"{self.source}: tensor '{tensor.name}' names external data at {location!r}; "
-                "onnxz packs only external data in a plain file beside the model"
+                "onnxz packs only external data inside the model's folder: a relative path "
+                "of names joined by '/', with no '..', '.', absolute path or backslash"
             )
         path = self.base_dir / location
         if location not in self.maps:
-            if not path.is_file() or path.is_symlink():
+            parts = location.split("/")
+            for depth in range(1, len(parts) + 1):  # no symlink may lead out of the folder
+                if (self.base_dir.joinpath(*parts[:depth])).is_symlink():
+                    raise InputError(
+                        f"{self.source}: tensor '{tensor.name}' needs external data file "
+                        f"'{location}', but '{'/'.join(parts[:depth])}' is a symlink; onnxz "
+                        "reads external data only from regular files inside the model's folder"
+                    )
+            if not path.is_file():
                 raise InputError(
                     f"{self.source}: tensor '{tensor.name}' needs external data file "
                     f"'{location}', which is not a regular file in {self.base_dir}"

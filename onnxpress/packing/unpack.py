@@ -8,7 +8,9 @@ Reading is defensive, because a container may come from anywhere:
 * every decoded tensor's sha256 is compared with the manifest, and the whole unpacked file
   with the source's sha256 when the container says the round trip is byte-exact;
 * member names are looked up inside the ZIP and never joined to a folder; the only name
-  that reaches the disk, an external-data file name, must be a bare safe file name;
+  that reaches the disk, an external-data file name, must be a safe relative path (no
+  ``..``, no absolute path), and unpack creates its folders only under the output's
+  folder, never through a symlink;
 * a truncated or corrupt container is reported with the tensor it breaks.
 
 Models whose tensors fit in one protobuf (< 2 GB) are rebuilt in memory and handed to
@@ -51,7 +53,8 @@ from onnxpress.packing.format import (
     Manifest,
     TensorEntry,
     dtype_name,
-    is_safe_file_name,
+    external_info,
+    is_safe_location,
     iter_tensor_protos,
     marker_index,
     pop_marker,
@@ -201,7 +204,10 @@ class PackedModel:
                 f"{self.path}: {len(self.manifest.tensors)} tensors, over the limit of "
                 f"{limits.max_tensors}"
             )
-        total = self.total_raw_bytes + self.manifest.graph_raw_size
+        # unpack writes each external-data file at its declared size (its gaps are zeros)
+        inline = sum(e.raw_size for e in self.manifest.tensors if e.external is None)
+        external = sum(f.size for f in self.manifest.external_files)
+        total = max(self.total_raw_bytes, inline + external) + self.manifest.graph_raw_size
         if total > limits.max_total_bytes:
             raise InputError(
                 f"{self.path}: the container declares {total} decoded bytes, over the limit of "
@@ -252,6 +258,12 @@ class PackedModel:
             except ValueError as exc:
                 raise InputError(f"{self.path}: {exc}") from exc
             if index is None:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    raise InputError(
+                        f"{self.path}: graph tensor '{tensor.name}' refers to external data "
+                        f"{external_info(tensor).get('location', '')!r} that the container does "
+                        "not hold; an .onnxz must carry every tensor itself"
+                    )
                 continue
             if index >= len(manifest.tensors):
                 raise InputError(
@@ -265,6 +277,12 @@ class PackedModel:
                 raise InputError(
                     f"{self.path}: graph tensor '{tensor.name}' does not match manifest entry "
                     f"{index} ('{entry.name}' {entry.dtype} {entry.shape})"
+                )
+            if not _same_external(tensor, entry):
+                raise InputError(
+                    f"{self.path}: graph tensor '{tensor.name}': its external-data reference "
+                    f"{external_info(tensor) or None} does not match manifest entry {index} "
+                    f"(expected {entry.external or 'no external data'})"
                 )
             seen[index] += 1
         missing = [manifest.tensors[i].name for i, n in enumerate(seen) if n != 1]
@@ -439,6 +457,23 @@ class PackedModel:
                 if progress is not None:
                     progress(done, len(unique), tensors[index].name)
         return [decoded[first[entry.member]] for entry in tensors]
+
+
+def _same_external(tensor: onnx.TensorProto, entry: TensorEntry) -> bool:
+    """True when a marked graph tensor's external-data reference is the one its manifest
+    entry records (or both have none): unpack writes the entry's bytes to the entry's file,
+    so a graph pointing elsewhere would make the unpacked model read another file."""
+    external = tensor.data_location == onnx.TensorProto.EXTERNAL
+    if entry.external is None or not external:
+        return entry.external is None and not external and not external_info(tensor)
+    info = external_info(tensor)
+    ref = entry.external
+    try:  # read as pack reads them
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else ref.length
+    except ValueError:
+        return False
+    return (info.get("location"), offset, length) == (ref.location, ref.offset, ref.length)
 
 
 def _restore(
@@ -671,6 +706,7 @@ def unpack(
         targets = [output] + [output.parent / f.location for f in manifest.external_files]
         if not output.parent.is_dir():
             raise InputError(f"{output}: the output folder {output.parent} does not exist")
+        folders = _subfolders(output.parent, [f.location for f in manifest.external_files])
         for target in targets:
             if target.exists() and target.resolve() == source.resolve():
                 raise InputError(f"{target}: that is the input container; choose another output")
@@ -680,10 +716,17 @@ def unpack(
             raise InputError(f"{output}: the output name collides with an external-data file name")
         proto = packed.graph_proto()
         tmp_files: dict[Path, Path] = {}
+        created: list[Path] = []
+        published = False
         try:
+            for folder in folders:
+                if not folder.exists():
+                    folder.mkdir()
+                    created.append(folder)
             for ext in manifest.external_files:
-                assert is_safe_file_name(ext.location)  # checked when the manifest was read
-                fd, name = tempfile.mkstemp(prefix=f".{ext.location}.", dir=output.parent)
+                assert is_safe_location(ext.location)  # checked when the manifest was read
+                target = output.parent / ext.location
+                fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
                 os.close(fd)
                 tmp_files[output.parent / ext.location] = Path(name)
                 with open(name, "r+b") as handle:
@@ -705,9 +748,13 @@ def unpack(
             tmp_files[output] = Path(name)
             for target, tmp in tmp_files.items():
                 publish(tmp, target)
+            published = True
         finally:
             for tmp in tmp_files.values():
                 tmp.unlink(missing_ok=True)
+            for folder in reversed(created if not published else []):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     report = UnpackReport(
         source=source,
         output=output,
@@ -719,6 +766,30 @@ def unpack(
     )
     logger.info("Unpacked %s into %s in %.2fs", source, output, report.seconds)
     return report
+
+
+def _subfolders(folder: Path, locations: list[str]) -> list[Path]:
+    """The folders under ``folder`` that external-data ``locations`` need, parents first.
+
+    Raises:
+        InputError: One of them exists as a symlink or as something other than a folder
+            (writing through it could land outside ``folder``).
+    """
+    needed: list[Path] = []
+    for location in locations:
+        parts = location.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            path = folder.joinpath(*parts[:depth])
+            if path in needed:
+                continue
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                raise InputError(
+                    f"{path}: external data '{location}' goes into this folder, but it is a "
+                    "symlink or not a folder; unpack writes only into real folders under "
+                    f"{folder}"
+                )
+            needed.append(path)
+    return needed
 
 
 def _write_tensors(
