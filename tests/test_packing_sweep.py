@@ -506,3 +506,20 @@ def test_two_entries_one_member_different_sizes_and_non_zip_files(tmp_path: Path
         for read in _readers(tmp_path / name, tmp_path):
             with pytest.raises(InputError, match=message):
                 read()
+
+
+def test_an_existing_folder_as_output_is_a_clear_error(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Regression: with --force, pack and unpack onto a folder died in os.replace."""
+    src = _external_model(tmp_path / "src", [("a", "weights/w.bin", 0)], rng)
+    packed = tmp_path / "m.onnxz"
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputError, match=r"folder.*is a folder"):
+        pack(src, tmp_path / "folder", force=True)
+    pack(src, packed)
+    with pytest.raises(InputError, match=r"folder.*is a folder"):
+        unpack(packed, tmp_path / "folder", force=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(InputError, match=r"weights.*would be a folder"):
+        unpack(packed, out / "weights", force=True)
+    assert not list(out.iterdir())

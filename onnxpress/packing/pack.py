@@ -228,6 +228,8 @@ def _check_output(source: Path, output: Path, force: bool) -> None:
         raise InputError(f"{source}: no such file")
     if output.exists() and output.resolve() == source.resolve():
         raise InputError(f"{output}: the output is the input model; choose another output path")
+    if output.is_dir():
+        raise InputError(f"{output}: the output is a folder; expected the path of an .onnxz file")
     if output.exists() and not force:
         raise InputError(f"{output}: the output already exists; pass --force to replace it")
     if not output.parent.is_dir():

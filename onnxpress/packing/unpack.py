@@ -708,6 +708,12 @@ def unpack(
             raise InputError(f"{output}: the output folder {output.parent} does not exist")
         folders = _subfolders(output.parent, [f.location for f in manifest.external_files])
         for target in targets:
+            if target.is_dir() or target in folders:
+                raise InputError(
+                    f"{target}: the output {'is' if target.is_dir() else 'would be'} a folder; "
+                    f"expected a file path (the container holds {len(targets) - 1} external-data "
+                    "files, written beside the output)"
+                )
             if target.exists() and target.resolve() == source.resolve():
                 raise InputError(f"{target}: that is the input container; choose another output")
             if target.exists() and not force:
