@@ -10,9 +10,10 @@ before the fix they name.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -523,3 +524,56 @@ def test_an_existing_folder_as_output_is_a_clear_error(tmp_path: Path, rng: np.r
     with pytest.raises(InputError, match=r"weights.*would be a folder"):
         unpack(packed, out / "weights", force=True)
     assert not list(out.iterdir())
+
+
+def _one_file_per_tensor(folder: Path, count: int, rng: np.random.Generator) -> Path:
+    inits = [_f32(rng, f"w{i}", 64) for i in range(count)]
+    graph = oh.make_graph(
+        [oh.make_node("Concat", [t.name for t in inits], ["y"], axis=0)], "g", [], [_vi("y", [64 * count])], inits
+    )
+    src = folder / "m.onnx"
+    folder.mkdir()
+    onnx.save(oh.make_model(graph, opset_imports=OPSET), src, save_as_external_data=True,
+              all_tensors_to_one_file=False, size_threshold=0)
+    return src
+
+
+@pytest.fixture
+def low_open_file_limit() -> Iterator[int]:
+    """The soft limit on open files set to 200 above what is open now (restored after)."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(list(Path("/proc/self/fd").iterdir())) if Path("/proc/self/fd").is_dir() else 64
+    low = in_use + 200
+    if hard != resource.RLIM_INFINITY and hard < low + 1000:
+        pytest.skip("the hard limit on open files is too low to test raising the soft one")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        yield low
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_model_with_more_files_than_open_file_limit_packs(
+    tmp_path: Path, rng: np.random.Generator, low_open_file_limit: int
+) -> None:
+    """Regression: pack held two descriptors per external file (and unpack one per output
+    file) at once, so a model saved one file per tensor died with EMFILE."""
+    src = _one_file_per_tensor(tmp_path / "src", 300, rng)
+    packed = tmp_path / "m.onnxz"
+    pack(src, packed)
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    unpack(packed, out)
+    for path in src.parent.iterdir():
+        assert (out.parent / path.name).read_bytes() == path.read_bytes()
+
+
+def test_running_out_of_file_descriptors_is_a_clear_error(
+    tmp_path: Path, rng: np.random.Generator, low_open_file_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pack_module = importlib.import_module("onnxpress.packing.pack")  # the package exports a function of that name
+    monkeypatch.setattr(pack_module, "_raise_open_file_limit", lambda: False)
+    src = _one_file_per_tensor(tmp_path / "src", 300, rng)
+    with pytest.raises(InputError, match=r"tensor 'w\d+' needs external data file .*ulimit -n"):
+        pack(src, tmp_path / "m.onnxz")

@@ -16,6 +16,7 @@ gives back the file byte for byte, and the manifest records ``byte_exact: true``
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import mmap
@@ -262,18 +263,17 @@ class _ExternalData:
     def __init__(self, source: Path) -> None:
         self.source = source
         self.base_dir = source.resolve().parent
-        self.maps: dict[str, tuple[object, mmap.mmap | bytes]] = {}
+        self.maps: dict[str, mmap.mmap | bytes] = {}
         self.spans: dict[str, list[tuple[int, int]]] = {}
 
     def __enter__(self) -> _ExternalData:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle, view in self.maps.values():
+        for view in self.maps.values():
             if isinstance(view, mmap.mmap):
                 with contextlib.suppress(BufferError):  # a view is still alive: GC closes it
                     view.close()
-            handle.close()  # type: ignore[attr-defined]
         self.maps.clear()
 
     def read(self, tensor: onnx.TensorProto, location: str, offset: int, length: int) -> memoryview:
@@ -298,12 +298,16 @@ class _ExternalData:
                     f"{self.source}: tensor '{tensor.name}' needs external data file "
                     f"'{location}', which is not a regular file in {self.base_dir}"
                 )
-            handle = open(path, "rb")  # noqa: SIM115 - closed in __exit__
-            size = path.stat().st_size
-            view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-            self.maps[location] = (handle, view)
+            try:
+                self.maps[location] = _map_file(path)
+            except OSError as exc:
+                limit = f" (the limit on open files is {_open_file_limit()}; raise it with ulimit -n)" if exc.errno == errno.EMFILE else ""
+                raise InputError(
+                    f"{self.source}: tensor '{tensor.name}' needs external data file "
+                    f"'{location}', which cannot be opened: {exc.strerror}{limit}"
+                ) from exc
             self.spans[location] = []
-        view = self.maps[location][1]
+        view = self.maps[location]
         if offset + length > len(view):
             raise InputError(
                 f"{self.source}: tensor '{tensor.name}' needs bytes up to {offset + length} of "
@@ -315,7 +319,7 @@ class _ExternalData:
     def describe(self) -> dict[str, tuple[int, bool, str]]:
         """Per file: size, whether every byte outside the tensors is zero, sha256."""
         out = {}
-        for location, (_, view) in self.maps.items():
+        for location, view in self.maps.items():
             digest = hashlib.sha256()
             mv = memoryview(view)
             for pos in range(0, len(mv), 1 << 24):
@@ -331,6 +335,48 @@ class _ExternalData:
             del mv
             out[location] = (len(view), gaps_zero, digest.hexdigest())
         return out
+
+
+def _map_file(path: Path) -> mmap.mmap | bytes:
+    """The file memory-mapped (its own file handle is closed at once: a map holds one file
+    descriptor, not two). When the process runs out of file descriptors (a model saved
+    with one file per tensor has thousands), the soft limit is raised to the hard one and
+    the file tried again."""
+    for attempt in range(2):
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except OSError as exc:
+            if exc.errno != errno.EMFILE or attempt or not _raise_open_file_limit():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _open_file_limit() -> int | str:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return "unknown"
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _raise_open_file_limit() -> bool:
+    """Raises this process's soft limit on open files to its hard limit; True if it grew."""
+    try:
+        import resource
+    except ImportError:
+        return False
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target <= soft:
+        return False
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return False
+    logger.info("Raised the limit on open files from %d to %d (external data in many files)", soft, target)
+    return True
 
 
 def _collect(

@@ -809,22 +809,19 @@ def _write_tensors(
     tensors = packed.manifest.tensors
     inline: list[bytes] = [b""] * len(tensors)
     workers = max(1, threads or os.cpu_count() or 1)
-    handles = {path: open(tmp, "r+b") for path, tmp in tmp_files.items()}  # noqa: SIM115
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            indices = list(range(len(tensors)))
-            for index, raw in enumerate(bounded_map(pool, packed.tensor_bytes, indices, 2 * workers)):
-                entry = tensors[index]
-                if entry.external is None:
-                    inline[index] = raw
-                else:
-                    handle = handles[folder / entry.external.location]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        indices = list(range(len(tensors)))
+        for index, raw in enumerate(bounded_map(pool, packed.tensor_bytes, indices, 2 * workers)):
+            entry = tensors[index]
+            if entry.external is None:
+                inline[index] = raw
+            else:
+                # opened per tensor: a model with one file per tensor has more files than
+                # a process may hold open at once
+                with open(tmp_files[folder / entry.external.location], "r+b") as handle:
                     os.pwrite(handle.fileno(), raw, entry.external.offset)
-                if progress is not None:
-                    progress(index + 1, len(tensors), entry.name)
-    finally:
-        for handle in handles.values():
-            handle.close()
+            if progress is not None:
+                progress(index + 1, len(tensors), entry.name)
     return inline
 
 
