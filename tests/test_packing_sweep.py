@@ -577,3 +577,32 @@ def test_running_out_of_file_descriptors_is_a_clear_error(
     src = _one_file_per_tensor(tmp_path / "src", 300, rng)
     with pytest.raises(InputError, match=r"tensor 'w\d+' needs external data file .*ulimit -n"):
         pack(src, tmp_path / "m.onnxz")
+
+
+def test_python_api_batch_runner_and_validate_take_onnxz(tmp_path: Path, rng: np.random.Generator) -> None:
+    """``BatchRunner`` and ``validate`` on an .onnxz packed from weights in a subfolder."""
+    from onnxpress.runtime import BatchRunner, validate
+
+    src = _external_model(tmp_path / "src", [("a", "weights/w.bin", 0), ("b", "w.bin", 0)], rng)
+    model = onnx.load(src, load_external_data=False)
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_param="N"))
+    src.write_bytes(model.SerializeToString())
+    packed = tmp_path / "m.onnxz"
+    pack(src, packed)
+    feeds = {"x": rng.standard_normal((5, 16, 16)).astype(np.float32)}
+    expected = BatchRunner(src, batch_size=4).run_batch(feeds)
+    actual = BatchRunner(packed, batch_size=4).run_batch(feeds)
+    assert_bit_identical(list(expected.values()), list(actual.values()))
+    assert validate(src, packed, feeds, measure_speed=False).passed
+
+
+def test_both_if_branches_with_same_tensor_names_run_bit_exact(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Main-graph ``w`` goes to onnxruntime as an OrtValue; the branches' own ``w`` must not
+    be replaced by it."""
+    src, packed = tmp_path / "m.onnx", tmp_path / "m.onnxz"
+    onnx.save(_if_same_names(rng), src)
+    pack(src, packed, min_bytes=16)
+    for sign in (1.0, -1.0):
+        feeds = {"x": sign * np.abs(rng.standard_normal((32, 32))).astype(np.float32)}
+        assert_bit_identical(onnxpress.load_session(src).run(None, feeds), onnxpress.load_session(packed).run(None, feeds))
