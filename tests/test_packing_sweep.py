@@ -606,3 +606,18 @@ def test_both_if_branches_with_same_tensor_names_run_bit_exact(tmp_path: Path, r
     for sign in (1.0, -1.0):
         feeds = {"x": sign * np.abs(rng.standard_normal((32, 32))).astype(np.float32)}
         assert_bit_identical(onnxpress.load_session(src).run(None, feeds), onnxpress.load_session(packed).run(None, feeds))
+
+
+def test_symlinked_model_packs_the_weights_onnxruntime_runs(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Regression: for a symlinked .onnx, pack read external data beside the link's target,
+    while onnx and onnxruntime read it beside the link: the .onnxz held other weights."""
+    real = _external_model(tmp_path / "real", [("a", "w.bin", 0)], rng)
+    _external_model(tmp_path / "other", [("a", "w.bin", 0)], rng)
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "m.onnx").symlink_to(real)
+    (tmp_path / "link" / "w.bin").write_bytes((tmp_path / "other" / "w.bin").read_bytes())
+    packed = tmp_path / "m.onnxz"
+    pack(tmp_path / "link" / "m.onnx", packed)
+    feeds = {"x": rng.standard_normal((16, 16)).astype(np.float32)}
+    expected = onnxpress.load_session(tmp_path / "link" / "m.onnx").run(None, feeds)
+    assert_bit_identical(expected, onnxpress.load_session(packed).run(None, feeds))

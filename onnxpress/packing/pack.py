@@ -262,7 +262,8 @@ class _ExternalData:
 
     def __init__(self, source: Path) -> None:
         self.source = source
-        self.base_dir = source.resolve().parent
+        # the folder the path names, as onnx and onnxruntime use (not a symlinked file's target folder)
+        self.base_dir = source.absolute().parent
         self.maps: dict[str, mmap.mmap | bytes] = {}
         self.spans: dict[str, list[tuple[int, int]]] = {}
 
