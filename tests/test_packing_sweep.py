@@ -621,3 +621,17 @@ def test_symlinked_model_packs_the_weights_onnxruntime_runs(tmp_path: Path, rng:
     feeds = {"x": rng.standard_normal((16, 16)).astype(np.float32)}
     expected = onnxpress.load_session(tmp_path / "link" / "m.onnx").run(None, feeds)
     assert_bit_identical(expected, onnxpress.load_session(packed).run(None, feeds))
+
+
+def test_packed_session_refuses_to_reuse_session_options(tmp_path: Path) -> None:
+    """Regression: packed_session added the weights to the caller's SessionOptions, so a
+    second packed session built with it died in onnxruntime ("already been added: w") or,
+    where names differ, silently received the first model's tensors."""
+    for i in (1, 2):
+        onnx.save(_if_same_names(np.random.default_rng(i)), tmp_path / f"m{i}.onnx")
+        pack(tmp_path / f"m{i}.onnx", tmp_path / f"m{i}.onnxz", min_bytes=16)
+    options = session_options()
+    packed_session(tmp_path / "m1.onnxz", options, ["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="fresh SessionOptions"):
+        packed_session(tmp_path / "m2.onnxz", options, ["CPUExecutionProvider"])
+    packed_session(tmp_path / "m2.onnxz", session_options(), ["CPUExecutionProvider"])

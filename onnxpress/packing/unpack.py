@@ -30,6 +30,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -553,7 +554,9 @@ def packed_session(
     OrtValues over the decoded buffers (``SessionOptions.add_external_initializers``), so
     their bytes are neither copied into a protobuf nor parsed again; every other large
     tensor is put back into the graph. The decoded buffers are kept alive on the session
-    (attribute ``onnxz_buffers``), as onnxruntime requires.
+    (attribute ``onnxz_buffers``), as onnxruntime requires. Those OrtValues are added to
+    ``options``, which therefore serves one packed session only (a second use raises
+    ``ValueError``).
 
     When the tensors total more than ``inline_limit`` bytes (2 GB protobuf cap), they are
     streamed tensor by tensor into an external-data file in a temporary folder, which is
@@ -601,6 +604,10 @@ def _wait_all(jobs: list[Future[None]]) -> None:
         raise errors[0]
 
 
+#: SessionOptions that ``add_external_initializers`` has been called on (never reusable).
+_OPTIONS_WITH_INITIALIZERS: weakref.WeakSet[ort.SessionOptions] = weakref.WeakSet()
+
+
 def _session_from_decoded(
     proto: onnx.ModelProto, data: list[bytes | np.ndarray], options: ort.SessionOptions, providers: list[str]
 ) -> ort.InferenceSession:
@@ -626,7 +633,14 @@ def _session_from_decoded(
     if len(names) < len(data):  # tensors elsewhere (attributes, subgraphs, other types)
         _restore(proto, data, keep_external=False)
     if names:
+        if options in _OPTIONS_WITH_INITIALIZERS:
+            raise ValueError(
+                "this onnxruntime SessionOptions already carries the in-memory weights of a "
+                "packed session (they cannot be removed, and would feed any later model with "
+                "the same initializer names); pass a fresh SessionOptions per packed session"
+            )
         options.add_external_initializers(names, values)
+        _OPTIONS_WITH_INITIALIZERS.add(options)
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
     session.onnxz_buffers = (values, arrays)  # type: ignore[attr-defined]
     return session
