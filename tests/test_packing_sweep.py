@@ -626,12 +626,13 @@ def test_symlinked_model_packs_the_weights_onnxruntime_runs(tmp_path: Path, rng:
 def test_packed_session_refuses_to_reuse_session_options(tmp_path: Path) -> None:
     """Regression: packed_session added the weights to the caller's SessionOptions, so a
     second packed session built with it died in onnxruntime ("already been added: w") or,
-    where names differ, silently received the first model's tensors."""
+    on the streaming path, silently ran with the first model's main-graph weights."""
     for i in (1, 2):
         onnx.save(_if_same_names(np.random.default_rng(i)), tmp_path / f"m{i}.onnx")
         pack(tmp_path / f"m{i}.onnx", tmp_path / f"m{i}.onnxz", min_bytes=16)
     options = session_options()
     packed_session(tmp_path / "m1.onnxz", options, ["CPUExecutionProvider"])
-    with pytest.raises(ValueError, match="fresh SessionOptions"):
-        packed_session(tmp_path / "m2.onnxz", options, ["CPUExecutionProvider"])
+    for inline_limit in (2**31, 0):
+        with pytest.raises(ValueError, match="fresh SessionOptions"):
+            packed_session(tmp_path / "m2.onnxz", options, ["CPUExecutionProvider"], inline_limit=inline_limit)
     packed_session(tmp_path / "m2.onnxz", session_options(), ["CPUExecutionProvider"])

@@ -569,6 +569,13 @@ def packed_session(
     itself is checked before onnxruntime sees it, and every size was checked before decoding,
     so unchecked tensor bytes can only be wrong values, never a malformed model.
     """
+    if options in _OPTIONS_WITH_INITIALIZERS:
+        raise ValueError(
+            "this onnxruntime SessionOptions already carries the in-memory weights of a "
+            "packed session (they cannot be removed, and would replace the external "
+            "initializers of the same names in any later model); pass a fresh "
+            "SessionOptions per packed session"
+        )
     with contextlib.ExitStack() as stack:
         packed = stack.enter_context(PackedModel(path, limits))
         if packed.total_raw_bytes > inline_limit:
@@ -633,12 +640,6 @@ def _session_from_decoded(
     if len(names) < len(data):  # tensors elsewhere (attributes, subgraphs, other types)
         _restore(proto, data, keep_external=False)
     if names:
-        if options in _OPTIONS_WITH_INITIALIZERS:
-            raise ValueError(
-                "this onnxruntime SessionOptions already carries the in-memory weights of a "
-                "packed session (they cannot be removed, and would feed any later model with "
-                "the same initializer names); pass a fresh SessionOptions per packed session"
-            )
         options.add_external_initializers(names, values)
         _OPTIONS_WITH_INITIALIZERS.add(options)
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
