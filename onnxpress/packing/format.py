@@ -237,7 +237,8 @@ class Manifest:
             if not is_safe_location(location):
                 raise InputError(
                     f"{where}: external data file name {location!r} is not a safe relative path "
-                    "(expected names joined by '/', with no '..', '.', absolute path or backslash)"
+                    f"(expected at most {MAX_LOCATION_DEPTH} names joined by '/', with no '..', '.', "
+                    "absolute path or backslash)"
                 )
             manifest.external_files.append(
                 ExternalFile(location, check.size(item.get("size"), what + ".size"),

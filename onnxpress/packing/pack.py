@@ -44,6 +44,7 @@ from onnxpress.packing.format import (
     GRAPH_MEMBER,
     MANIFEST_MEMBER,
     MARKER_KEY,
+    MAX_LOCATION_DEPTH,
     ZIP_DATE_TIME,
     Chunk,
     ExternalFile,
@@ -282,7 +283,8 @@ class _ExternalData:
             raise InputError(
                 f"{self.source}: tensor '{tensor.name}' names external data at {location!r}; "
                 "onnxz packs only external data inside the model's folder: a relative path "
-                "of names joined by '/', with no '..', '.', absolute path or backslash"
+                f"of at most {MAX_LOCATION_DEPTH} names joined by '/', with no '..', '.', "
+                "absolute path or backslash"
             )
         path = self.base_dir / location
         if location not in self.maps:
