@@ -268,6 +268,8 @@ LAYOUTS = {
     "overlapping": [("a", "w.bin", 0), ("b", "w.bin", 512)],
     "unicode_and_space": [("a", "wü.bin", 0), ("b", "a b", 0)],
     "subfolder": [("a", "weights/w.bin", 0), ("b", "weights/deeper/b.bin", 64), ("c", "c.bin", 0)],
+    # 252 UTF-8 bytes: unpack's temporary name once went past the 255-byte limit
+    "long_unicode_name": [("a", "ü" * 124 + ".bin", 0)],
 }
 
 

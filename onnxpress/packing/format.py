@@ -69,6 +69,12 @@ def is_safe_file_name(name: str) -> bool:
     )
 
 
+def temp_prefix(name: str) -> str:
+    """``.NAME.`` for a temporary file beside ``NAME``, with NAME cut to 64 UTF-8 bytes so the
+    temporary name stays within the 255-byte limit however long NAME is."""
+    return "." + name.encode("utf-8", "surrogatepass")[:64].decode("utf-8", "ignore") + "."
+
+
 def is_safe_location(location: str) -> bool:
     """True for an external-data location that stays inside the model's folder.
 

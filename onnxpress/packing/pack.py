@@ -57,6 +57,7 @@ from onnxpress.packing.format import (
     expected_raw_size,
     external_info,
     is_safe_location,
+    temp_prefix,
     iter_tensor_protos,
     tensor_member,
 )
@@ -538,7 +539,7 @@ def _write(
     spool: _Spool,
 ) -> None:
     """Writes the ZIP of stored members into a temporary file and renames it into place."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(output.name), dir=output.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(

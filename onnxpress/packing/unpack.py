@@ -56,6 +56,7 @@ from onnxpress.packing.format import (
     dtype_name,
     external_info,
     is_safe_location,
+    temp_prefix,
     iter_tensor_protos,
     marker_index,
     pop_marker,
@@ -747,7 +748,7 @@ def unpack(
             for ext in manifest.external_files:
                 assert is_safe_location(ext.location)  # checked when the manifest was read
                 target = output.parent / ext.location
-                fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+                fd, name = tempfile.mkstemp(prefix=temp_prefix(target.name), dir=target.parent)
                 os.close(fd)
                 tmp_files[output.parent / ext.location] = Path(name)
                 with open(name, "r+b") as handle:
@@ -763,7 +764,7 @@ def unpack(
                     raise InputError(
                         f"{source}: the unpacked external data '{ext.location}' differs from the source"
                     )
-            fd, name = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+            fd, name = tempfile.mkstemp(prefix=temp_prefix(output.name), dir=output.parent)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             tmp_files[output] = Path(name)
