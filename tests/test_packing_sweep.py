@@ -638,3 +638,31 @@ def test_packed_session_refuses_to_reuse_session_options(tmp_path: Path) -> None
         with pytest.raises(ValueError, match="fresh SessionOptions"):
             packed_session(tmp_path / "m2.onnxz", options, ["CPUExecutionProvider"], inline_limit=inline_limit)
     packed_session(tmp_path / "m2.onnxz", session_options(), ["CPUExecutionProvider"])
+
+
+def test_streaming_path_writes_identical_tensors_once(tmp_path: Path, rng: np.random.Generator) -> None:
+    """The >2 GB path wrote a tied weight once per use (twice the temporary disk and time)."""
+    from onnxpress.packing.unpack import _stream_to_external
+
+    src, packed = tmp_path / "m.onnx", tmp_path / "m.onnxz"
+    onnx.save(_sparse_and_duplicates(rng), src)  # "a" and "b" hold the same 6400 bytes
+    pack(src, packed, min_bytes=16)
+    with PackedModel(packed) as container:
+        proto = container.graph_proto()
+        streams = {e.member: e.raw_size for e in container.manifest.tensors}
+        assert len(streams) < len(container.manifest.tensors)
+        _stream_to_external(container, proto, tmp_path / "m.data", threads=2)
+    assert (tmp_path / "m.data").stat().st_size == sum(-(-n // 4096) * 4096 for n in streams.values())
+    refs = {t.name: external_info_of(t) for t in proto.graph.initializer}
+    assert refs["a"] == refs["b"]
+    feeds = _feeds(_sparse_and_duplicates(rng), rng)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "m.data").write_bytes((tmp_path / "m.data").read_bytes())
+    (tmp_path / "run" / "m.onnx").write_bytes(proto.SerializeToString())
+    assert_bit_identical(
+        onnxpress.load_session(src).run(None, feeds), onnxpress.load_session(tmp_path / "run" / "m.onnx").run(None, feeds)
+    )
+
+
+def external_info_of(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}

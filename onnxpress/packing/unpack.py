@@ -651,19 +651,25 @@ def _session_from_decoded(
 def _stream_to_external(
     packed: PackedModel, proto: onnx.ModelProto, data_path: Path, threads: int | None
 ) -> None:
-    """Writes every tensor into ``data_path`` (4 KiB aligned) and points the graph at it."""
+    """Writes every stored stream once into ``data_path`` (4 KiB aligned) and points the
+    graph at it; identical tensors (one member) share their bytes, as in the container."""
     tensors = packed.manifest.tensors
-    offsets = []
+    offsets: list[int] = []
+    first: dict[str, int] = {}
     offset = 0
-    for entry in tensors:
+    for index, entry in enumerate(tensors):
+        if entry.member in first:
+            offsets.append(offsets[first[entry.member]])
+            continue
+        first[entry.member] = index
         offsets.append(offset)
         offset += -(-entry.raw_size // 4096) * 4096
     with open(data_path, "wb") as handle:
         handle.truncate(offset)
         workers = max(1, threads or os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            indices = list(range(len(tensors)))
-            for index, raw in enumerate(bounded_map(pool, packed.tensor_bytes, indices, 2 * workers)):
+            indices = list(first.values())
+            for index, raw in zip(indices, bounded_map(pool, packed.tensor_bytes, indices, 2 * workers), strict=True):
                 os.pwrite(handle.fileno(), raw, offsets[index])
     for tensor in iter_tensor_protos(proto):
         index = marker_index(tensor)
