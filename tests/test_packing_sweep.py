@@ -666,3 +666,21 @@ def test_streaming_path_writes_identical_tensors_once(tmp_path: Path, rng: np.ra
 
 def external_info_of(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
+
+
+def test_unpack_decodes_each_stored_stream_once(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unpack decoded a tied weight once per use; the bytes are still bit-exact."""
+    src, packed = tmp_path / "m.onnx", tmp_path / "m.onnxz"
+    onnx.save(_sparse_and_duplicates(rng), src)
+    pack(src, packed, min_bytes=16)
+    with PackedModel(packed) as container:
+        streams = len({e.member for e in container.manifest.tensors})
+        assert streams < len(container.manifest.tensors)
+    decoded: list[int] = []
+    original = PackedModel.tensor_bytes
+    monkeypatch.setattr(PackedModel, "tensor_bytes", lambda self, i: decoded.append(i) or original(self, i))
+    unpack(packed, tmp_path / "out.onnx")
+    assert len(decoded) == streams
+    assert (tmp_path / "out.onnx").read_bytes() == src.read_bytes()

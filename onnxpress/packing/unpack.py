@@ -827,23 +827,30 @@ def _write_tensors(
     threads: int | None,
     progress: ProgressCallback | None,
 ) -> list[bytes]:
-    """Decodes every tensor; external ones go to their file, inline ones are returned."""
+    """Decodes each stored stream once; every tensor using it goes to its external file or,
+    inline, is returned (identical tensors share one ``bytes``)."""
     tensors = packed.manifest.tensors
     inline: list[bytes] = [b""] * len(tensors)
+    users: dict[str, list[int]] = {}
+    for index, entry in enumerate(tensors):
+        users.setdefault(entry.member, []).append(index)
     workers = max(1, threads or os.cpu_count() or 1)
+    done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        indices = list(range(len(tensors)))
-        for index, raw in enumerate(bounded_map(pool, packed.tensor_bytes, indices, 2 * workers)):
-            entry = tensors[index]
-            if entry.external is None:
-                inline[index] = raw
-            else:
-                # opened per tensor: a model with one file per tensor has more files than
-                # a process may hold open at once
-                with open(tmp_files[folder / entry.external.location], "r+b") as handle:
-                    os.pwrite(handle.fileno(), raw, entry.external.offset)
-            if progress is not None:
-                progress(index + 1, len(tensors), entry.name)
+        firsts = [indices[0] for indices in users.values()]
+        for first, raw in zip(firsts, bounded_map(pool, packed.tensor_bytes, firsts, 2 * workers), strict=True):
+            for index in users[tensors[first].member]:
+                entry = tensors[index]
+                if entry.external is None:
+                    inline[index] = raw
+                else:
+                    # opened per tensor: a model with one file per tensor has more files
+                    # than a process may hold open at once
+                    with open(tmp_files[folder / entry.external.location], "r+b") as handle:
+                        os.pwrite(handle.fileno(), raw, entry.external.offset)
+                done += 1
+                if progress is not None:
+                    progress(done, len(tensors), entry.name)
     return inline
 
 
