@@ -684,3 +684,27 @@ def test_unpack_decodes_each_stored_stream_once(
     unpack(packed, tmp_path / "out.onnx")
     assert len(decoded) == streams
     assert (tmp_path / "out.onnx").read_bytes() == src.read_bytes()
+
+
+def test_overlapping_external_tensors_with_different_bytes_are_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Regression: a crafted, not byte-exact container whose external tensors overlap with
+    different bytes unpacked without error, the later tensor overwriting the earlier."""
+    src = _external_model(tmp_path / "src", [("a", "w.bin", 0), ("b", "w.bin", 2048)], rng)
+    packed = tmp_path / "m.onnxz"
+    pack(src, packed)
+
+    def overlap(doc: dict, graph: onnx.ModelProto) -> None:
+        doc["source"]["byte_exact"] = False
+        doc["tensors"][1]["external"]["offset"] = 512
+        entry = next(e for e in graph.graph.initializer[1].external_data if e.key == "offset")
+        entry.value = "512"
+
+    bad = _rewrite(packed, tmp_path / "overlap.onnxz", overlap)
+    with pytest.raises(InputError, match=r"tensor '[ab]' overlaps another tensor in 'w.bin'"):
+        unpack(bad, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+    # honest overlaps (identical bytes) still unpack
+    honest = _external_model(tmp_path / "src2", [("a", "w.bin", 0), ("b", "w.bin", 512)], rng)
+    pack(honest, tmp_path / "honest.onnxz")
+    unpack(_rewrite(tmp_path / "honest.onnxz", tmp_path / "h2.onnxz", lambda d, g: d["source"].update(byte_exact=False)),
+           tmp_path / "h.onnx")

@@ -760,6 +760,8 @@ def unpack(
                 with open(name, "r+b") as handle:
                     handle.truncate(ext.size)
             inline = _write_tensors(packed, tmp_files, output.parent, threads, progress)
+            if not manifest.byte_exact:  # (byte-exact files are checked whole below)
+                _check_overlaps(packed, tmp_files, output.parent)
             _restore(proto, inline, keep_external=True)
             data = proto.SerializeToString()
             if manifest.byte_exact and hashlib.sha256(data).hexdigest() != manifest.source_sha256:
@@ -852,6 +854,37 @@ def _write_tensors(
                 if progress is not None:
                     progress(done, len(tensors), entry.name)
     return inline
+
+
+def _check_overlaps(packed: PackedModel, tmp_files: dict[Path, Path], folder: Path) -> None:
+    """Re-reads every external tensor whose bytes overlap another tensor's in the same file
+    and checks its sha256: a packer only overlaps identical bytes, but a crafted container
+    could overlap different ones, and the later write would corrupt the earlier tensor."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}
+    for index, entry in enumerate(packed.manifest.tensors):
+        if entry.external is not None and entry.raw_size:
+            ref = entry.external
+            spans.setdefault(ref.location, []).append((ref.offset, ref.offset + ref.length, index))
+    for location, items in spans.items():
+        items.sort()
+        overlapping: set[int] = set()
+        reach, holder = -1, -1
+        for begin, end, index in items:
+            if begin < reach:
+                overlapping.update((index, holder))
+            if end > reach:
+                reach, holder = end, index
+        if not overlapping:
+            continue
+        with open(tmp_files[folder / location], "rb") as handle:
+            for index in sorted(overlapping):
+                entry = packed.manifest.tensors[index]
+                raw = os.pread(handle.fileno(), entry.raw_size, entry.external.offset)  # type: ignore[union-attr]
+                if hashlib.sha256(raw).hexdigest() != entry.sha256:
+                    raise InputError(
+                        f"{packed.path}: tensor '{entry.name}' overlaps another tensor in "
+                        f"'{location}' with different bytes (corrupt or crafted container)"
+                    )
 
 
 def _file_sha256(path: Path) -> str:
