@@ -166,7 +166,29 @@ def _odd_dtypes(rng: np.random.Generator) -> onnx.ModelProto:
     return oh.make_model(graph, opset_imports=OPSET)
 
 
+def _scan_and_sparse_constant(rng: np.random.Generator) -> onnx.ModelProto:
+    """A Constant with a ``sparse_value`` attribute, and a tensor in a Scan body."""
+    values = onh.from_array(rng.standard_normal(500).astype(np.float32), "v")
+    indices = onh.from_array(np.sort(rng.choice(2500, 500, replace=False)).astype(np.int64), "i")
+    body = oh.make_graph(
+        [oh.make_node("Add", ["s_in", "x_t"], ["s_out"]), oh.make_node("Add", ["x_t", "sw"], ["y_t"])],
+        "body", [_vi("s_in", [50]), _vi("x_t", [50])], [_vi("s_out", [50]), _vi("y_t", [50])],
+        [_f32(rng, "sw", 50)],
+    )
+    graph = oh.make_graph(
+        [
+            oh.make_node("Constant", [], ["c"], sparse_value=oh.make_sparse_tensor(values, indices, [50, 50])),
+            oh.make_node("Add", ["x", "c"], ["t"]),
+            oh.make_node("Scan", ["s0", "t"], ["sf", "ys"], body=body, num_scan_inputs=1),
+        ],
+        "g", [_vi("x", [50, 50])], [_vi("sf", [50]), _vi("ys", [50, 50])],
+        [onh.from_array(np.zeros(50, np.float32), "s0")],
+    )
+    return oh.make_model(graph, opset_imports=OPSET)
+
+
 CORPUS: dict[str, Callable[[np.random.Generator], onnx.ModelProto]] = {
+    "scan_and_sparse_constant": _scan_and_sparse_constant,
     "if_same_names": _if_same_names,
     "loop_body": _loop_body_tensor,
     "constant_in_function": _constant_in_function,
