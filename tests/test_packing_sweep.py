@@ -730,3 +730,17 @@ def test_overlapping_external_tensors_with_different_bytes_are_refused(tmp_path:
     pack(honest, tmp_path / "honest.onnxz")
     unpack(_rewrite(tmp_path / "honest.onnxz", tmp_path / "h2.onnxz", lambda d, g: d["source"].update(byte_exact=False)),
            tmp_path / "h.onnx")
+
+
+def test_inline_tensor_with_stray_external_entries_still_reads(tmp_path: Path, rng: np.random.Generator) -> None:
+    """An inline tensor (data_location DEFAULT) that keeps leftover external_data entries is
+    not external: the container that pack writes for it must read back."""
+    model = _if_same_names(rng)
+    stray = model.graph.initializer[0].external_data.add()
+    stray.key, stray.value = "checksum", "abc"
+    src, packed = tmp_path / "m.onnx", tmp_path / "m.onnxz"
+    src.write_bytes(model.SerializeToString())
+    pack(src, packed, min_bytes=16)
+    assert load_model_proto(packed) == model
+    unpack(packed, tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx").read_bytes() == src.read_bytes()

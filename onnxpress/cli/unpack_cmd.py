@@ -38,8 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "unpack",
         help="unpack an .onnxz back into the .onnx it was packed from",
         description="Unpack MODEL.onnxz into the .onnx (and external-data files, written "
-        "beside it under their original names, subfolders included) it was packed from. Every tensor's sha256 is "
-        "checked, and the whole file's when the container records a byte-exact source.",
+        "beside it under their original names, subfolders included) it was packed from. "
+        "Every tensor's sha256 is checked, and the whole file's when the container records "
+        "a byte-exact source.",
     )
     parser.add_argument("model", help="the .onnxz file")
     parser.add_argument("-o", "--output", help="the .onnx to write (default: MODEL with suffix .onnx)")

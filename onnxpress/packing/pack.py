@@ -305,7 +305,9 @@ class _ExternalData:
             try:
                 self.maps[location] = _map_file(path)
             except OSError as exc:
-                limit = f" (the limit on open files is {_open_file_limit()}; raise it with ulimit -n)" if exc.errno == errno.EMFILE else ""
+                limit = ""
+                if exc.errno == errno.EMFILE:
+                    limit = f" (the limit on open files is {_open_file_limit()}; raise it with ulimit -n)"
                 raise InputError(
                     f"{self.source}: tensor '{tensor.name}' needs external data file "
                     f"'{location}', which cannot be opened: {exc.strerror}{limit}"

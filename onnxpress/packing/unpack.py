@@ -467,7 +467,7 @@ def _same_external(tensor: onnx.TensorProto, entry: TensorEntry) -> bool:
     so a graph pointing elsewhere would make the unpacked model read another file."""
     external = tensor.data_location == onnx.TensorProto.EXTERNAL
     if entry.external is None or not external:
-        return entry.external is None and not external and not external_info(tensor)
+        return entry.external is None and not external
     info = external_info(tensor)
     ref = entry.external
     try:  # read as pack reads them
