@@ -21,7 +21,10 @@ What this pass adds:
 * Control flow. The converter puts every ``Cast`` it adds around a float32 op into the main
   graph, also for an op inside an ``If``/``Loop``/``Scan`` body, where the Cast's input does not
   exist (the model does not load). :func:`move_casts_into_subgraphs` moves each such Cast into
-  the body that defines its input, right after the input's producer.
+  the body that defines its input, right after the input's producer. The converter also keys
+  initializers by name across all graphs, so a body initializer named like another graph's
+  is refused by :func:`check_no_shadowing_initializers` (renaming it would change the model:
+  onnxruntime and the ONNX reference evaluator both read such a name as the outer value).
 """
 
 from __future__ import annotations
@@ -107,6 +110,20 @@ def _loads(path: Path) -> str | None:
     return lines[-1].split(": ", 1)[-1] if lines else f"exit status {proc.returncode}"
 
 
+def check_no_shadowing_initializers(model: ir.Model, pass_name: str) -> None:
+    """Raises ValueError naming a subgraph initializer whose name another graph's initializer has."""
+    owner: dict[str, str] = {name: "the main graph" for name in model.graph.initializers}
+    for graph in model.graph.subgraphs():
+        for name in graph.initializers:
+            if name in owner:
+                raise ValueError(
+                    f"{pass_name}: initializer '{name}' of subgraph '{graph.name}' has the name of an initializer "
+                    f"of {owner[name]}; onnxruntime's float16 converter needs distinct names (and runtimes read "
+                    "a shadowed name inside a subgraph as the outer value): rename one of them"
+                )
+            owner[name] = f"subgraph '{graph.name}'"
+
+
 def move_casts_into_subgraphs(model: onnx.ModelProto) -> int:
     """Moves each main-graph ``Cast`` whose input is defined only inside a subgraph into it.
 
@@ -165,6 +182,7 @@ class CastFp16Pass(OnnxpressPass):
         node_filter = NodeFilter(config.exclude_nodes, ())
         check_exclusions(model, node_filter, self.name)
         blocked_nodes = node_filter.excluded_names(model)
+        check_no_shadowing_initializers(model, self.name)
         block_ops = list(config.keep_fp32_ops)
         added: list[str] = []
         with tempfile.TemporaryDirectory(prefix="onnxpress-fp16-") as folder:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from conftest import run_ort
 from quant_models import rel_error, to_ir, with_weights
 
@@ -156,3 +157,31 @@ def test_an_onnxruntime_crash_keeps_the_op_that_triggers_it_fp32(rng, monkeypatc
 
     with pytest.raises(ValueError, match="does not load in onnxruntime: onnxruntime crashed"):
         CastFp16Pass()(to_ir(proto))
+
+
+
+def test_a_subgraph_initializer_named_like_the_main_graphs_is_refused_by_name(rng):
+    """onnxruntime's converter keys initializers by name across graphs and died with a bare
+    AssertionError on an If branch holding its own ``W``. Renaming the branch's ``W`` would
+    change the model (onnxruntime reads ``W`` in the branch as the main graph's), so the pass
+    refuses it with a message naming the initializer and the subgraph."""
+    import onnx
+    import onnx.helper as oh
+    import onnx.numpy_helper as onh
+
+    def branch(name: str) -> onnx.GraphProto:
+        w = onh.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W")
+        return oh.make_graph([oh.make_node("MatMul", ["x", "W"], [f"y_{name}"])], name, [],
+                             [oh.make_tensor_value_info(f"y_{name}", 1, ["N", 4])], [w])
+
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "W"], ["h"]),
+         oh.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
+        "g", [oh.make_tensor_value_info("x", 1, ["N", 4]), oh.make_tensor_value_info("c", 9, [])],
+        [oh.make_tensor_value_info("h", 1, ["N", 4]), oh.make_tensor_value_info("y", 1, ["N", 4])],
+        [onh.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W")],
+    )
+    model = to_ir(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    with pytest.raises(ValueError, match=r"cast-fp16: initializer 'W' of subgraph '(then|else)' has the name"):
+        CastFp16Pass()(model)
+    assert model.graph.initializers["W"].dtype == ir.DataType.FLOAT  # left as it was
