@@ -22,9 +22,11 @@ What this pass adds:
   graph, also for an op inside an ``If``/``Loop``/``Scan`` body, where the Cast's input does not
   exist (the model does not load). :func:`move_casts_into_subgraphs` moves each such Cast into
   the body that defines its input, right after the input's producer. The converter also keys
-  initializers by name across all graphs, so a body initializer named like another graph's
-  is refused by :func:`check_no_shadowing_initializers` (renaming it would change the model:
-  onnxruntime and the ONNX reference evaluator both read such a name as the outer value).
+  initializers by name across all graphs (it fails on a body initializer that shadows one of
+  the same name elsewhere), so :func:`rename_shadowing_initializers` first gives each such
+  body initializer a name of its own. onnxruntime, like onnx_ir, reads a shadowed name inside
+  the body as the body's own initializer, and every use follows the renamed value, so the
+  model computes the same.
 """
 
 from __future__ import annotations
@@ -110,18 +112,24 @@ def _loads(path: Path) -> str | None:
     return lines[-1].split(": ", 1)[-1] if lines else f"exit status {proc.returncode}"
 
 
-def check_no_shadowing_initializers(model: ir.Model, pass_name: str) -> None:
-    """Raises ValueError naming a subgraph initializer whose name another graph's initializer has."""
-    owner: dict[str, str] = {name: "the main graph" for name in model.graph.initializers}
+def rename_shadowing_initializers(model: ir.Model) -> int:
+    """Renames each subgraph initializer whose name an earlier graph's initializer has; returns how many."""
+    taken = {name for graph in (model.graph, *model.graph.subgraphs()) for name in graph.initializers}
+    seen = set(model.graph.initializers)
+    renamed = 0
     for graph in model.graph.subgraphs():
-        for name in graph.initializers:
-            if name in owner:
-                raise ValueError(
-                    f"{pass_name}: initializer '{name}' of subgraph '{graph.name}' has the name of an initializer "
-                    f"of {owner[name]}; onnxruntime's float16 converter needs distinct names (and runtimes read "
-                    "a shadowed name inside a subgraph as the outer value): rename one of them"
-                )
-            owner[name] = f"subgraph '{graph.name}'"
+        for name in list(graph.initializers):
+            if name in seen:
+                suffix, new = 1, f"{name}__{graph.name or 'body'}"
+                while new in taken:
+                    suffix += 1
+                    new = f"{name}__{graph.name or 'body'}_{suffix}"
+                graph.initializers[name].name = new  # its uses refer to the value and follow it
+                taken.add(new)
+                name = new
+                renamed += 1
+            seen.add(name)
+    return renamed
 
 
 def move_casts_into_subgraphs(model: onnx.ModelProto) -> int:
@@ -182,7 +190,8 @@ class CastFp16Pass(OnnxpressPass):
         node_filter = NodeFilter(config.exclude_nodes, ())
         check_exclusions(model, node_filter, self.name)
         blocked_nodes = node_filter.excluded_names(model)
-        check_no_shadowing_initializers(model, self.name)
+        if renamed := rename_shadowing_initializers(model):
+            logger.info("cast-fp16: renamed %d subgraph initializers named like another graph's", renamed)
         block_ops = list(config.keep_fp32_ops)
         added: list[str] = []
         with tempfile.TemporaryDirectory(prefix="onnxpress-fp16-") as folder:
