@@ -231,10 +231,11 @@ def _write_parts(f: IO[bytes], parts: Sequence[np.ndarray]) -> None:
     filled = 0
     for part in parts:
         data = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
-        if filled + data.nbytes > _STAGING_BYTES and filled:
+        direct = data.nbytes >= _STAGING_BYTES // 2
+        if filled and (direct or filled + data.nbytes > _STAGING_BYTES):  # what is staged goes first
             f.write(memoryview(stage[:filled]))
             filled = 0
-        if data.nbytes >= _STAGING_BYTES // 2:
+        if direct:
             f.write(memoryview(data))
         else:
             stage[filled : filled + data.nbytes] = data
