@@ -197,8 +197,13 @@ def pad_rows(feeds: Mapping[str, np.ndarray], rows: int | None) -> dict[str, np.
     return {k: np.pad(v, [(0, rows - have)] + [(0, 0)] * (v.ndim - 1), mode="edge") for k, v in feeds.items()}
 
 
+def _row_signatures(declared: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """``{name: (dtype, row shape)}`` from the manifest's ``outputs``, in the form a batch is compared with."""
+    return {name: (np.dtype(d["dtype"]), tuple(d["row_shape"])) for name, d in declared.items()}
+
+
 def _check_outputs(
-    outputs: Mapping[str, Any], lo: int, hi: int, expected: Mapping[str, Mapping[str, Any]] | None = None
+    outputs: Mapping[str, Any], lo: int, hi: int, expected: Mapping[str, tuple[np.dtype, tuple[int, ...]]] | None = None
 ) -> None:
     """Every output must be an array with one row per input row, and rows alike in every batch.
 
@@ -206,8 +211,8 @@ def _check_outputs(
         outputs: One batch's outputs.
         lo: The batch's first row.
         hi: One past its last row.
-        expected: ``{name: {"dtype": str, "row_shape": list}}`` of the batches before (the
-            manifest's ``outputs``); None for the first batch.
+        expected: ``{name: (dtype, row shape)}`` of the batches before (:func:`_row_signatures`
+            of the manifest's ``outputs``); None for the first batch.
 
     Raises:
         InputError: An output is not a tensor, has no first axis of ``hi - lo`` rows, or its
@@ -225,10 +230,10 @@ def _check_outputs(
                 "inference needs every output to have a first axis of samples"
             )
         want = expected.get(name) if expected else None
-        if want is not None and (list(shape[1:]) != list(want["row_shape"]) or str(value.dtype) != want["dtype"]):
+        if want is not None and (shape[1:] != want[1] or value.dtype != want[0]):
             raise InputError(
                 f"output {name!r} has rows of {value.dtype}{list(shape[1:])} in rows {lo}-{hi} but "
-                f"{want['dtype']}{list(want['row_shape'])} before; batch inference needs outputs whose "
+                f"{want[0]}{list(want[1])} before; batch inference needs outputs whose "
                 "per-row shape does not depend on the data"
             )
 
@@ -448,9 +453,12 @@ class BatchRunner:
             if progress is not None:
                 progress(start_row, source.num_rows)
             try:
+                expected = _row_signatures(writer.manifest["outputs"]) if writer.manifest["outputs"] else None
                 for lo, hi, outputs in self.iter_outputs(source, start=start_row):
-                    _check_outputs(outputs, lo, hi, writer.manifest["outputs"] or None)
+                    _check_outputs(outputs, lo, hi, expected)
                     writer.add(outputs)
+                    if expected is None:
+                        expected = _row_signatures(writer.manifest["outputs"])
                     if progress is not None:
                         progress(hi, source.num_rows)
                 writer.finish()  # closes the writer
