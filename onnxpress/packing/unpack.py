@@ -568,7 +568,9 @@ def packed_session(
     the speed of decoding, so checking first would add its whole time to the start); the session is returned only once every
     digest matches, and a mismatch raises :class:`InputError` naming the tensor. The graph
     itself is checked before onnxruntime sees it, and every size was checked before decoding,
-    so unchecked tensor bytes can only be wrong values, never a malformed model.
+    so unchecked tensor bytes can only be wrong values, never a malformed model. Below
+    ``SERIAL_DECODE_BYTES`` of tensors everything runs on the calling thread, digests checked
+    as the tensors decode: starting and feeding threads would cost more than the decoding.
     """
     if options in _OPTIONS_WITH_INITIALIZERS:
         raise ValueError(
@@ -587,6 +589,10 @@ def packed_session(
             model_path.write_bytes(proto.SerializeToString())
             logger.info("Streamed %s to external data in %s", path, tmp)
             return ort.InferenceSession(str(model_path), options, providers=providers)
+        if packed.total_raw_bytes < SERIAL_DECODE_BYTES:  # threads would cost more than they save
+            proto = packed.graph_proto()
+            data = packed.decode_all(threads, as_bytes=False, verify=True)
+            return _session_from_decoded(proto, data, options, providers)
         # The graph is decoded and checked on another thread while the tensors decode.
         with ThreadPoolExecutor(max_workers=1) as side:
             graph = side.submit(packed.graph_proto)
