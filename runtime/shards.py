@@ -439,6 +439,9 @@ class ShardWriter:
                 )
         if shard_rows is not None and m["shard_rows"] is not None and shard_rows != m["shard_rows"]:
             logger.warning("resuming with the run's %d rows per shard (not %d)", m["shard_rows"], shard_rows)
+        if m["shards"]:
+            logger.info("checking the SHA-256 of %d committed shards (%.1f MB) before resuming",
+                        len(m["shards"]), sum(s["bytes"] for s in m["shards"]) / 1e6)
         for kept, shard in enumerate(m["shards"]):
             problem = _shard_problem(self.folder / shard["file"], shard)
             if problem is not None:
