@@ -33,9 +33,8 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,65 +182,26 @@ def _atomic_write(
         return out.digest()
 
 
-def write_npz(f: IO[bytes], arrays: dict[str, np.ndarray | Sequence[np.ndarray]]) -> None:
+def write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
     """An uncompressed ``.npz`` (loadable by ``numpy.load``) with a fixed timestamp, so it is reproducible.
 
-    Each value is an array, or a list of arrays that stack along the first axis (a shard's
-    batches), written one after another under one ``.npy`` header: concatenating them first
-    would cost a copy into fresh memory, whose page faults alone cost about 1 ms per MB on
-    this machine. Numeric arrays are written from their own memory
-    (``numpy.lib.format.write_array`` would copy them in 16 MiB pieces when the target is not
-    a real file).
+    Numeric arrays are written from their own memory (``numpy.lib.format.write_array`` would
+    copy them in 16 MiB pieces when the target is not a real file).
     """
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, value in arrays.items():
-            parts = [np.ascontiguousarray(value)] if isinstance(value, np.ndarray) else list(value)
+        for name, array in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
             with archive.open(info, "w", force_zip64=True) as member:
-                if len(parts) > 1 and (parts[0].dtype.hasobject or parts[0].ndim == 0):
-                    parts = [np.concatenate(parts)]
-                if parts[0].dtype.hasobject:  # refused with numpy's own message
-                    np.lib.format.write_array(member, parts[0], allow_pickle=False)
+                array = np.ascontiguousarray(array)
+                if array.dtype.hasobject:  # refused with numpy's own message
+                    np.lib.format.write_array(member, array, allow_pickle=False)
                     continue
-                rows = sum(len(part) for part in parts) if parts[0].ndim else None
-                header = np.lib.format.header_data_from_array_1_0(parts[0])
-                if rows is not None:
-                    header["shape"] = (rows, *parts[0].shape[1:])
+                header = np.lib.format.header_data_from_array_1_0(array)
                 try:
                     np.lib.format.write_array_header_1_0(member, header)
                 except ValueError:  # a header over 64 KiB (very many dimensions)
                     np.lib.format.write_array_header_2_0(member, header)
-                _write_parts(member, parts)
-
-
-_STAGING_BYTES = 1 << 20
-_staging = threading.local()
-
-
-def _write_parts(f: IO[bytes], parts: Sequence[np.ndarray]) -> None:
-    """Writes the arrays' bytes one after another; small ones gathered into 1 MiB writes.
-
-    Every ``write`` to a zip member costs a CRC call, a SHA-256 update and a system call, so
-    a shard of a thousand 10 KiB batches is copied through a staging buffer that each thread
-    reuses (fresh memory would cost its page faults again for every shard).
-    """
-    stage: np.ndarray | None = getattr(_staging, "buffer", None)
-    if stage is None:
-        stage = _staging.buffer = np.empty(_STAGING_BYTES, dtype=np.uint8)
-    filled = 0
-    for part in parts:
-        data = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
-        direct = data.nbytes >= _STAGING_BYTES // 2
-        if filled and (direct or filled + data.nbytes > _STAGING_BYTES):  # what is staged goes first
-            f.write(memoryview(stage[:filled]))
-            filled = 0
-        if direct:
-            f.write(memoryview(data))
-        else:
-            stage[filled : filled + data.nbytes] = data
-            filled += data.nbytes
-    if filled:
-        f.write(memoryview(stage[:filled]))
+                member.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
 def write_parquet(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
@@ -524,13 +484,12 @@ class ShardWriter:
         self._pending = self._executor.submit(self._write_shard, shard, index, start, rows, last)
 
     def _write_shard(self, parts: dict[str, list[np.ndarray]], index: int, start: int, rows: int, last: bool) -> None:
+        shard = {n: np.concatenate(p) if len(p) > 1 else p[0] for n, p in parts.items()}
         fmt = self.manifest["output_format"]
+        writer = write_npz if fmt == "npz" else write_parquet
         name = f"part-{index:05d}.{fmt}"
-        if fmt == "npz":  # the batches are written one after another, not copied together first
-            size, digest = _atomic_write(self.folder / name, lambda f: write_npz(f, parts), sync_folder=False)
-        else:
-            shard = {n: np.concatenate(p) if len(p) > 1 else p[0] for n, p in parts.items()}
-            size, digest = _atomic_write(self.folder / name, lambda f: write_parquet(f, shard), sync_folder=False)
+        # the folder sync is left to the manifest's, which follows in the same folder
+        size, digest = _atomic_write(self.folder / name, lambda f: writer(f, shard), sync_folder=False)
         self.shards.append({"file": name, "start": start, "stop": start + rows, "bytes": size, "sha256": digest})
         if last and start + rows == self.manifest["total_rows"]:
             self.manifest["complete"] = True

@@ -26,7 +26,6 @@ from onnxpress.runtime.shards import (
     default_shard_rows,
     read_manifest,
     read_outputs,
-    write_npz,
 )
 
 TWO_IN_TWO_OUT = """
@@ -392,27 +391,6 @@ def test_default_shards_cut_the_final_stretch_into_quarters_and_resume_identical
             runner.run(tmp_path / "in.npz", out, progress=interrupt)
         assert runner.run(tmp_path / "in.npz", out, resume=True).resumed_from > 0
         assert read_manifest(out)["shards"] == manifest["shards"]
-
-
-@pytest.mark.parametrize("row_elements", [1, 3, 40_000, 300_000])
-def test_write_npz_from_batches_equals_the_stacked_array(tmp_path: Path, rng: np.random.Generator,
-                                                          row_elements: int) -> None:
-    """A shard written from its batches (small ones staged, large ones written through) is
-    byte for byte the ``.npz`` of the stacked array, and numpy reads it back the same."""
-    # fixed sizes first: at 40,000 elements a row is 160 KB, so a staged row then a 4-row part
-    # written straight through, and staged parts that overflow the 1 MiB buffer; then random ones
-    sizes = np.concatenate([[1, 4, 0, 3, 3, 1, 2, 7, 1], rng.integers(0, 9, size=12)])
-    parts = [rng.standard_normal((int(n), row_elements)).astype(np.float32) for n in sizes]
-    parts.append(rng.standard_normal((5, 2 * row_elements)).astype(np.float32)[:, ::2])  # not contiguous
-    stacked = np.concatenate(parts)
-    with open(tmp_path / "parts.npz", "wb") as f:
-        write_npz(f, {"y": parts, "k": [np.arange(3, dtype=np.int64), np.arange(2, dtype=np.int64)]})
-    with open(tmp_path / "whole.npz", "wb") as f:
-        write_npz(f, {"y": stacked, "k": np.array([0, 1, 2, 0, 1], dtype=np.int64)})
-    assert (tmp_path / "parts.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
-    with np.load(tmp_path / "parts.npz") as loaded:
-        np.testing.assert_array_equal(loaded["y"], stacked)
-        assert loaded["y"].shape == (int(sizes.sum()) + 5, row_elements)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
