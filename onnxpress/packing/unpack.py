@@ -22,6 +22,7 @@ built its session.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import mmap
@@ -224,6 +225,15 @@ class PackedModel:
                 "the limit (--max-ratio) if you trust this file"
             )
 
+    @functools.cached_property
+    def streams(self) -> dict[str, list[int]]:
+        """Manifest indices of the tensors stored in each member, in manifest order (identical
+        tensors share one member, so each stream is decoded once and used by all of them)."""
+        users: dict[str, list[int]] = {}
+        for index, entry in enumerate(self.manifest.tensors):
+            users.setdefault(entry.member, []).append(index)
+        return users
+
     @property
     def total_raw_bytes(self) -> int:
         """Decoded bytes of every tensor (a tensor stored once but used twice counts twice)."""
@@ -353,11 +363,8 @@ class PackedModel:
         The returned futures raise :class:`InputError` naming the tensor whose bytes differ.
         """
         chunks: list[tuple[int, int, memoryview]] = []
-        seen: set[str] = set()
-        for index, entry in enumerate(self.manifest.tensors):
-            if entry.member in seen:
-                continue
-            seen.add(entry.member)
+        for index, *_ in self.streams.values():
+            entry = self.manifest.tensors[index]
             buffer = memoryview(data[index]).cast("B")
             start = 0
             for j, chunk in enumerate(entry.chunks):
@@ -429,9 +436,7 @@ class PackedModel:
                 result with :meth:`check_digests` before trusting it.
         """
         tensors = self.manifest.tensors
-        first: dict[str, int] = {}
-        for index, entry in enumerate(tensors):
-            first.setdefault(entry.member, index)
+        first = {member: users[0] for member, users in self.streams.items()}
         unique = list(first.values())
         workers = max(1, threads or os.cpu_count() or 1)
         decoded: dict[int, bytes | np.ndarray] = {}
@@ -660,21 +665,17 @@ def _stream_to_external(
     """Writes every stored stream once into ``data_path`` (4 KiB aligned) and points the
     graph at it; identical tensors (one member) share their bytes, as in the container."""
     tensors = packed.manifest.tensors
-    offsets: list[int] = []
-    first: dict[str, int] = {}
+    offsets = [0] * len(tensors)
     offset = 0
-    for index, entry in enumerate(tensors):
-        if entry.member in first:
-            offsets.append(offsets[first[entry.member]])
-            continue
-        first[entry.member] = index
-        offsets.append(offset)
-        offset += -(-entry.raw_size // 4096) * 4096
+    for users in packed.streams.values():
+        for index in users:  # identical tensors share their bytes
+            offsets[index] = offset
+        offset += -(-tensors[users[0]].raw_size // 4096) * 4096
     with open(data_path, "wb") as handle:
         handle.truncate(offset)
         workers = max(1, threads or os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            indices = list(first.values())
+            indices = [users[0] for users in packed.streams.values()]
             for index, raw in zip(indices, bounded_map(pool, packed.tensor_bytes, indices, 2 * workers), strict=True):
                 os.pwrite(handle.fileno(), raw, offsets[index])
     for tensor in iter_tensor_protos(proto):
@@ -839,15 +840,13 @@ def _write_tensors(
     inline, is returned (identical tensors share one ``bytes``)."""
     tensors = packed.manifest.tensors
     inline: list[bytes] = [b""] * len(tensors)
-    users: dict[str, list[int]] = {}
-    for index, entry in enumerate(tensors):
-        users.setdefault(entry.member, []).append(index)
     workers = max(1, threads or os.cpu_count() or 1)
     done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        firsts = [indices[0] for indices in users.values()]
-        for first, raw in zip(firsts, bounded_map(pool, packed.tensor_bytes, firsts, 2 * workers), strict=True):
-            for index in users[tensors[first].member]:
+        streams = list(packed.streams.values())
+        firsts = [users[0] for users in streams]
+        for users, raw in zip(streams, bounded_map(pool, packed.tensor_bytes, firsts, 2 * workers), strict=True):
+            for index in users:
                 entry = tensors[index]
                 if entry.external is None:
                     inline[index] = raw
