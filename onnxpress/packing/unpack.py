@@ -57,10 +57,10 @@ from onnxpress.packing.format import (
     dtype_name,
     external_info,
     is_safe_location,
-    temp_prefix,
     iter_tensor_protos,
     marker_index,
     pop_marker,
+    temp_prefix,
 )
 from onnxpress.packing.limits import DEFAULT_LIMITS, Limits
 from onnxpress.packing.parallel import bounded_map, decoding_pool, worker_count
