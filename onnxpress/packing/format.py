@@ -410,46 +410,35 @@ _PATHS: dict[str, tuple[tuple[str, bool], ...]] = {}
 
 
 def _tensor_paths(descriptor: Any) -> tuple[tuple[str, bool], ...]:
-    """The message fields of ``descriptor`` that hold or can lead to a TensorProto."""
+    """The message fields of ``descriptor`` that hold or can lead to a TensorProto.
+
+    Worked out once per process for every type reachable from the first message walked
+    (one pass over the type graph, not one per type: this runs before each session starts).
+    """
     cached = _PATHS.get(descriptor.full_name)
     if cached is not None:
         return cached
-    _PATHS[descriptor.full_name] = ()  # breaks cycles (GraphProto -> NodeProto -> ... -> GraphProto)
-    found = _reaches_tensor(descriptor)
-    paths = tuple(
-        (field.name, field.is_repeated)
-        for field in descriptor.fields
-        if field.type == field.TYPE_MESSAGE and field.message_type.full_name in found
-    )
-    _PATHS[descriptor.full_name] = paths
-    for child in descriptor.fields:
-        if child.type == child.TYPE_MESSAGE and child.message_type.full_name in found:
-            _tensor_paths(child.message_type)
-    return paths
-
-
-def _reaches_tensor(descriptor: Any) -> set[str]:
-    """Names of the message types reachable from ``descriptor`` that can hold a TensorProto."""
-    reach: dict[str, set[str]] = {}
+    children: dict[str, list[Any]] = {}  # type name -> its message-typed fields
     stack = [descriptor]
     while stack:
         current = stack.pop()
-        if current.full_name in reach:
+        if current.full_name in children:
             continue
-        reach[current.full_name] = {
-            f.message_type.full_name for f in current.fields if f.type == f.TYPE_MESSAGE
-        }
-        stack.extend(f.message_type for f in current.fields if f.type == f.TYPE_MESSAGE)
-    tensor = onnx.TensorProto.DESCRIPTOR.full_name
-    good = {tensor}
+        children[current.full_name] = [f for f in current.fields if f.type == f.TYPE_MESSAGE]
+        stack.extend(f.message_type for f in children[current.full_name])
+    good = {onnx.TensorProto.DESCRIPTOR.full_name}  # the types that can hold a TensorProto
     changed = True
     while changed:
         changed = False
-        for name, children in reach.items():
-            if name not in good and children & good:
+        for name, fields in children.items():
+            if name not in good and any(f.message_type.full_name in good for f in fields):
                 good.add(name)
                 changed = True
-    return good
+    for name, fields in children.items():
+        _PATHS.setdefault(
+            name, tuple((f.name, f.is_repeated) for f in fields if f.message_type.full_name in good)
+        )
+    return _PATHS[descriptor.full_name]
 
 
 def marker_index(tensor: onnx.TensorProto) -> int | None:
