@@ -14,19 +14,22 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-
 from conftest import parse, run_ort
-from onnxpress.cli import main
-from onnxpress.errors import InputError
+from hypothesis import given
+from hypothesis import strategies as st
 from onnxpress.runtime import BatchRunner
 from onnxpress.runtime.shards import (
     MAX_SHARD_BYTES,
     MIN_SHARD_BYTES,
     SHARDS_PER_RUN,
     default_shard_rows,
+    manifest_text,
     read_manifest,
     read_outputs,
 )
+
+from onnxpress.cli import main
+from onnxpress.errors import InputError
 
 TWO_IN_TWO_OUT = """
 <ir_version: 8, opset_import: ["" : 18]>
@@ -425,3 +428,20 @@ def test_resume_recomputes_from_the_first_damaged_shard(tmp_path: Path, rng: np.
     assert read_manifest(tmp_path / "out")["shards"] == read_manifest(tmp_path / "ref")["shards"]
     for shard in shards:
         assert (tmp_path / "out" / shard["file"]).read_bytes() == (tmp_path / "ref" / shard["file"]).read_bytes()
+
+
+@given(st.dictionaries(st.text(max_size=8), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8), max_size=5),
+    st.lists(st.dictionaries(st.text(max_size=6), st.integers() | st.text(max_size=6), max_size=4), max_size=4))
+def test_manifest_text_is_the_manifest_as_json_with_a_shard_per_line(
+    manifest: dict[str, object], shard_list: list[dict[str, object]]
+) -> None:
+    manifest = {**manifest, "shards": shard_list}
+    text = manifest_text(manifest)
+    assert json.loads(text) == manifest
+    assert list(json.loads(text)) == list(manifest)  # key order kept
+    lines = text.splitlines()
+    for shard in shard_list:
+        assert any(line.strip().rstrip(",") == json.dumps(shard) for line in lines)
