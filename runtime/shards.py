@@ -286,6 +286,8 @@ class ShardWriter:
     buffer: dict[str, list[np.ndarray]] = field(default_factory=dict)
     buffered_rows: int = 0
     _queued_rows: int | None = None
+    #: Rows of the next shard to commit (worked out once per shard, not per batch).
+    _next_commit: int | None = None
     _queued_shards: int | None = None
     _executor: ThreadPoolExecutor | None = None
     _pending: Future[None] | None = None
@@ -458,8 +460,11 @@ class ShardWriter:
         for name, array in outputs.items():
             self.buffer.setdefault(name, []).append(array)
         self.buffered_rows += rows
-        while self.buffered_rows >= (rows := self._shard_size(self._next_start())):
-            self._commit(rows)
+        if self._next_commit is None:
+            self._next_commit = self._shard_size(self._next_start())
+        while self.buffered_rows >= self._next_commit:  # per batch, only this comparison
+            self._commit(self._next_commit)
+            self._next_commit = self._shard_size(self._next_start())
 
     def _next_start(self) -> int:
         """The first row of the next shard to commit."""
