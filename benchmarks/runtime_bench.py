@@ -6,7 +6,9 @@
    of runner / bare over the pairs, each pair run in a random order. On the shared 2-core
    machine the best of each side can be one lucky run, and in a fixed order two runs of
    the same bare loop differed by about 5 % by their place in the cycle; the paired median
-   is the figure to judge. Also the process's CPU time (all threads).
+   is the figure to judge. Also the process's CPU time (all threads), and for context a bare
+   loop that keeps its outputs and writes them with ``numpy.save`` at the end (what a script
+   that keeps its results does; the goal is judged against the loop that discards them).
 2. Resident memory over an input file larger than 4 GB (``--big-gb``; written to a temporary
    folder and deleted afterwards): sampled from ``/proc/self/status`` while the runner works.
    Goal: flat, a few batches.
@@ -104,12 +106,14 @@ def perturbed_copy(source: Path, target: Path, rng: np.random.Generator, scale: 
 
 
 def bare_loop(model: Path, array: np.ndarray | Path, name: str, batch: int, threads: int | None,
-              *, with_session: bool = False, cpu: list[float] | None = None) -> float:
+              *, with_session: bool = False, cpu: list[float] | None = None, save: Path | None = None) -> float:
     """``session.run`` over the batches; a path is read the way a user would: ``np.load(mmap_mode="r")``.
 
     The mapping is released inside the timed region: unmapping a file whose pages were all
     touched costs about 85 ms per GB here, and a loop that left it to the garbage collector
-    would only defer that cost (the runner's time includes closing its input). ``with_session``
+    would only defer that cost (the runner's time includes closing its input). With ``save``,
+    the loop keeps its outputs and writes them with ``numpy.save`` at the end, as a script that
+    keeps its results would (the runner's time includes writing them). ``with_session``
     counts opening the session too (``validate`` opens its own). ``cpu`` gets the process's CPU
     seconds (all threads), which other processes on the machine disturb less than wall time.
     """
@@ -119,9 +123,14 @@ def bare_loop(model: Path, array: np.ndarray | Path, name: str, batch: int, thre
         array = np.load(array, mmap_mode="r")
     if not with_session:
         start, cpu_start = time.perf_counter(), time.process_time()
+    kept = []
     for lo in range(0, len(array), batch):
-        session.run(None, {name: array[lo:lo + batch]})
+        outputs = session.run(None, {name: array[lo:lo + batch]})
+        if save is not None:
+            kept.append(outputs[0])
     del array  # the last reference to a memmap: unmaps it
+    if save is not None:
+        np.save(save, np.concatenate(kept))
     if cpu is not None:
         cpu.append(time.process_time() - cpu_start)
     return time.perf_counter() - start
@@ -141,7 +150,7 @@ def runner_run(model: Path, data: Path, out: Path, batch: int, threads: int | No
 def overhead(work: Path, repeats: int, threads: int | None, rng: np.random.Generator,
              scale: float) -> list[list[str]]:
     rows = [["model", "samples", "batch", "bare loop s", "runner s", "overhead (best)", "paired median [IQR]",
-             "bare CPU s", "runner CPU s", "CPU overhead"]]
+             "bare CPU s", "runner CPU s", "CPU overhead", "bare+save s", "vs bare+save, paired median"]]
     cases = []
     n_digits, n_wide = int(200_000 * scale), int(250_000 * scale)
     write_rows(work / "digits.npy", n_digits, (1, 8, 8), rng)
@@ -150,20 +159,26 @@ def overhead(work: Path, repeats: int, threads: int | None, rng: np.random.Gener
     cases.append(("wide MLP 1024->32->16", wide_model(work / "wide.onnx", 1024, rng), work / "wide.npy", n_wide,
                   "x", 512))
     for label, model, data, count, name, batch in cases:
-        bare, run, bare_cpu, run_cpu = [], [], [], []
+        bare, run, saved, bare_cpu, run_cpu = [], [], [], [], []
         order = random.Random(0)
-        for _ in range(repeats):  # interleaved so machine noise hits both, in a random order per pair
-            for side in order.sample(("bare", "runner"), 2):
+        for _ in range(repeats):  # interleaved so machine noise hits all, in a random order per round
+            for side in order.sample(("bare", "runner", "save"), 3):
                 if side == "bare":
                     bare.append(bare_loop(model, data, name, batch, threads, cpu=bare_cpu))
+                elif side == "save":
+                    (work / "saved.npy").unlink(missing_ok=True)
+                    saved.append(bare_loop(model, data, name, batch, threads, save=work / "saved.npy"))
                 else:
                     run.append(runner_run(model, data, work / "out", batch, threads, cpu=run_cpu))
         b, r, bc, rc = min(bare), min(run), min(bare_cpu), min(run_cpu)
         ratios = [x / y - 1 for x, y in zip(run, bare, strict=True)]
         q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
+        vs_saved = [x / y - 1 for x, y in zip(run, saved, strict=True)]
+        s1, smedian, s3 = statistics.quantiles(vs_saved, n=4) if len(vs_saved) > 1 else (vs_saved * 3)
         rows.append([label, str(count), str(batch), f"{b:.3f}", f"{r:.3f}", f"{(r / b - 1) * 100:+.1f}%",
                      f"{median * 100:+.1f}% [{q1 * 100:+.1f}, {q3 * 100:+.1f}]", f"{bc:.3f}", f"{rc:.3f}",
-                     f"{(rc / bc - 1) * 100:+.1f}%"])
+                     f"{(rc / bc - 1) * 100:+.1f}%", f"{min(saved):.3f}",
+                     f"{smedian * 100:+.1f}% [{s1 * 100:+.1f}, {s3 * 100:+.1f}]"])
     return rows
 
 
