@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import threading
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -13,10 +15,11 @@ import onnx.helper as oh
 import onnx.numpy_helper as onh
 import onnx.parser
 import pytest
+from conftest import assert_bit_identical
 from hypothesis import HealthCheck, given, settings
+from onnxpress.models.digits import digits_cnn_path, load_digits_test
 
 import onnxpress
-from onnxpress.models.digits import digits_cnn_path, load_digits_test
 from onnxpress.packing import (
     PackedModel,
     load_model_proto,
@@ -25,7 +28,6 @@ from onnxpress.packing import (
     unpack,
 )
 from onnxpress.sessions import session_options
-from conftest import assert_bit_identical
 
 MODELS_DIR = Path(onnxpress.__file__).resolve().parent.parent / "models"
 
@@ -57,6 +59,35 @@ def test_digits_session_from_onnxz_gives_identical_outputs(tmp_path: Path) -> No
     expected = onnxpress.load_session(digits_cnn_path()).run(None, feeds)
     actual = onnxpress.load_session(packed).run(None, feeds)
     assert_bit_identical(expected, actual)
+
+
+@pytest.mark.parametrize("warm_up_fails", [False, True])
+def test_onnxruntime_head_start_runs_once_and_never_changes_the_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warm_up_fails: bool
+) -> None:
+    """The first packed session starts onnxruntime on a side thread; a broken warm-up is harmless."""
+    unpack_module = importlib.import_module("onnxpress.packing.unpack")  # the package exports a function `unpack`
+    packed = tmp_path / "digits.onnxz"
+    pack(digits_cnn_path(), packed)
+    monkeypatch.setattr(unpack_module, "_ort_started", threading.Event())
+    if warm_up_fails:
+        monkeypatch.setattr(unpack_module, "_tiny_model", lambda: b"not a model")
+    started: list[threading.Thread | None] = []
+    real_start = unpack_module._start_onnxruntime
+
+    def recording_start(providers: list[str]) -> threading.Thread | None:
+        started.append(real_start(providers))
+        return started[-1]
+
+    monkeypatch.setattr(unpack_module, "_start_onnxruntime", recording_start)
+    feeds = {"image": load_digits_test()[0][:8]}
+    expected = onnxpress.load_session(digits_cnn_path()).run(None, feeds)
+    first = onnxpress.load_session(packed).run(None, feeds)
+    second = onnxpress.load_session(packed).run(None, feeds)
+    assert len(started) == 2 and started[1] is None
+    assert started[0] is not None and not started[0].is_alive()  # no thread outlives load_session
+    assert_bit_identical(expected, first)
+    assert_bit_identical(expected, second)
 
 
 # ---------------------------------------------------------------------------------------

@@ -36,10 +36,9 @@ import onnx
 import zstandard
 
 from onnxpress import __version__
+from onnxpress.atomic import publish
 from onnxpress.errors import InputError
 from onnxpress.packing import codecs
-from onnxpress.packing.parallel import bounded_map
-from onnxpress.atomic import publish
 from onnxpress.packing.format import (
     GRAPH_MEMBER,
     MANIFEST_MEMBER,
@@ -57,10 +56,11 @@ from onnxpress.packing.format import (
     expected_raw_size,
     external_info,
     is_safe_location,
-    temp_prefix,
     iter_tensor_protos,
+    temp_prefix,
     tensor_member,
 )
+from onnxpress.packing.parallel import bounded_map
 
 logger = logging.getLogger(__name__)
 
