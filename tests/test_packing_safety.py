@@ -288,3 +288,24 @@ def test_existing_outputs_are_not_overwritten(packed: Path, tmp_path: Path) -> N
         pack(tmp_path / "m.onnx", packed)
     with pytest.raises(InputError, match="already a packed"):
         pack(packed, tmp_path / "again.onnxz")
+
+
+def test_member_names_read_as_utf8_and_undecodable_names_are_refused(packed: Path, tmp_path: Path) -> None:
+    """Member names are decoded as UTF-8 (the format's names are ASCII, which cp437 reads alike);
+    a name whose bytes are not UTF-8 gives an error naming the file, not a UnicodeDecodeError."""
+    with PackedModel(packed) as container:  # the reference writer's names, without the UTF-8 flag
+        assert not any(info.flag_bits & 0x800 for info in container.zip.infolist())
+        assert container.zip.getinfo("manifest.json").filename == "manifest.json"
+    data = bytearray(packed.read_bytes())
+    name = b"graph.pb.zst"
+    inside_manifest = range(*_member_span(packed, "manifest.json"))
+    at = [i for i in range(len(data)) if data.startswith(name, i) and i not in inside_manifest]
+    assert len(at) == 2  # the local header and the central directory
+    for i in at:
+        data[i] = 0x81  # not a UTF-8 start byte (cp437 reads it as "ü")
+    bad = tmp_path / "bad-name.onnxz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="bad-name.onnxz: a ZIP member name is not ASCII or UTF-8"):
+        PackedModel(bad)
+    with pytest.raises(InputError, match="bad-name.onnxz"):
+        onnxpress.load_session(bad)
