@@ -6,10 +6,10 @@ Weights are split into blocks of ``block_size`` consecutive elements along the r
 
 .. math::
 
-    s = \frac{\max w - \min w}{15}, \quad z = \mathrm{round}(-\min w / s), \quad
+    s = \frac{\max(\max w, 0) - \min(\min w, 0)}{15}, \quad z = \mathrm{round}(-\min(\min w, 0) / s), \quad
     q = \mathrm{clip}(\mathrm{round}(w / s) + z, 0, 15), \quad \hat w = (q - z)\, s
 
-(symmetric: ``s = max|w| / 7``, ``z = 8``). MatMuls become ``com.microsoft::MatMulNBits`` and
+(the span always reaches zero, so zero is exact; symmetric: ``s = max|w| / 7``, ``z = 8``). MatMuls become ``com.microsoft::MatMulNBits`` and
 ``Gather`` on a constant table becomes ``com.microsoft::GatherBlockQuantized``; both are
 onnxruntime CPU kernels, and the work is done by onnxruntime's own ``MatMulNBitsQuantizer``
 (round to nearest, or ``hqq``, half-quadratic optimization of scale and zero point).
