@@ -94,14 +94,14 @@ def test_compress_bundled_model_with_report(tmp_path: Path, capsys) -> None:
     assert_bit_identical(run_ort(onnx.load(str(digits_cnn_path())), feeds), run_ort(onnx.load(str(out)), feeds))
 
 
-def test_compress_refuses_existing_output_without_force(toy: Path, tmp_path: Path, capsys) -> None:
+def test_compress_refuses_existing_output_without_force(toy: Path, tmp_path: Path, capsys, rng: np.random.Generator) -> None:
     out = tmp_path / "out.onnx"
     out.write_bytes(b"precious")
     assert main(["compress", str(toy), "-o", str(out), "--preset", "lossless", "--no-progress"]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert out.read_bytes() == b"precious"
     assert main(["compress", str(toy), "-o", str(out), "--preset", "lossless", "--force", "--no-progress"]) == 0
-    x = np.random.default_rng().standard_normal((5, 3)).astype(np.float32)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
     assert_bit_identical(run_ort(parse(TOY), {"x": x}), run_ort(onnx.load(str(out)), {"x": x}))
 
 

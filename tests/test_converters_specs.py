@@ -77,8 +77,7 @@ def test_check_batch_sizes_follow_the_batch_dimension() -> None:
     assert check_batch_sizes(parse_inputs(["s:scalar:float32"]), [1, 4]) == [1]
 
 
-def test_npz_loading_and_batching(tmp_path) -> None:
-    rng = np.random.default_rng()
+def test_npz_loading_and_batching(tmp_path, rng: np.random.Generator) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, x=rng.standard_normal((10, 3)).astype(np.float32))
     data = load_npz(path)
@@ -102,8 +101,7 @@ def test_load_callable_errors(tmp_path) -> None:
         load_callable(f"{tmp_path}/missing.py:build")
 
 
-def test_compare_output_metrics() -> None:
-    rng = np.random.default_rng()
+def test_compare_output_metrics(rng: np.random.Generator) -> None:
     ref = rng.standard_normal((4, 16)).astype(np.float32)
     same = compare_output("y", 4, ref, ref.copy(), atol=1e-6, rtol=0, min_cosine=None)
     assert same.passed and same.max_abs_error == 0 and same.cosine == pytest.approx(1.0)
@@ -122,8 +120,7 @@ def test_compare_output_metrics() -> None:
     assert not compare_output("y", 4, ref, nan, atol=1, rtol=1, min_cosine=None).passed
 
 
-def test_failed_record_raises_with_every_output_named() -> None:
-    rng = np.random.default_rng()
+def test_failed_record_raises_with_every_output_named(rng: np.random.Generator) -> None:
     ref = rng.standard_normal((2, 3))
     record = FidelityRecord(atol=1e-6, rtol=0, min_cosine=None, inputs="test")
     record.outputs.append(compare_output("good", 2, ref, ref, atol=1e-6, rtol=0, min_cosine=None))

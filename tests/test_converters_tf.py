@@ -61,23 +61,22 @@ class SubclassedGRU(keras.Model):
         return self.head(self.norm(self.gru(x)))
 
 
-def test_keras_sequential_converts() -> None:
+def test_keras_sequential_converts(rng: np.random.Generator) -> None:
     model = _sequential()
     result = from_keras(model)
     assert result.fidelity.passed and result.fidelity.batch_sizes == [1, 4]
     assert "from_function" in result.exporter
     assert [v.name for v in result.model.graph.inputs] == ["input"]
-    x = np.random.default_rng().standard_normal((5, 8, 8, 1)).astype(np.float32)
+    x = rng.standard_normal((5, 8, 8, 1)).astype(np.float32)
     np.testing.assert_allclose(_run(result.model, {"input": x})[0], model(x).numpy(), atol=1e-4, rtol=1e-3)
 
 
-def test_keras_functional_two_inputs_two_outputs() -> None:
+def test_keras_functional_two_inputs_two_outputs(rng: np.random.Generator) -> None:
     model = _functional()
     result = from_keras(model)
     assert [v.name for v in result.model.graph.inputs] == ["left", "right"]
     assert [v.name for v in result.model.graph.outputs] == ["scores", "prob"]
     assert len(result.fidelity.outputs) == 4 and result.fidelity.passed
-    rng = np.random.default_rng()
     feeds = {"left": rng.standard_normal((3, 6)).astype(np.float32),
              "right": rng.standard_normal((3, 4)).astype(np.float32)}
     got = _run(result.model, feeds)
@@ -86,19 +85,19 @@ def test_keras_functional_two_inputs_two_outputs() -> None:
         np.testing.assert_allclose(g, e.numpy(), atol=1e-4, rtol=1e-3)
 
 
-def test_keras_subclassed_needs_and_uses_input_description() -> None:
+def test_keras_subclassed_needs_and_uses_input_description(rng: np.random.Generator) -> None:
     model = SubclassedGRU()
     with pytest.raises(InputError, match="--input"):
         from_keras(model)
     result = from_keras(model, inputs=["seq:B,T=10,4:float32"])
     assert result.fidelity.passed
     assert [str(d) for d in result.model.graph.inputs[0].shape] == ["B", "T", "4"]
-    x = np.random.default_rng().standard_normal((2, 13, 4)).astype(np.float32)
+    x = rng.standard_normal((2, 13, 4)).astype(np.float32)
     np.testing.assert_allclose(_run(result.model, {"seq": x})[0], model(x).numpy(), atol=1e-4, rtol=1e-3)
 
 
-def test_tf_function_with_dict_outputs_and_captured_constant() -> None:
-    weights = tf.constant(np.random.default_rng().standard_normal((5, 3)).astype(np.float32))
+def test_tf_function_with_dict_outputs_and_captured_constant(rng: np.random.Generator) -> None:
+    weights = tf.constant(rng.standard_normal((5, 3)).astype(np.float32))
 
     @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32, name="features")])
     def scores(features):
@@ -211,13 +210,13 @@ def test_built_subclassed_model_error_suggests_its_shape() -> None:
         from_keras(model)
 
 
-def test_keras_model_with_nested_dict_outputs() -> None:
+def test_keras_model_with_nested_dict_outputs(rng: np.random.Generator) -> None:
     x = keras.Input((3,), name="x")
     model = keras.Model(x, {"a": keras.layers.Dense(2)(x), "b": {"c": keras.layers.Dense(1)(x)}})
     result = from_keras(model)
     assert result.fidelity.passed
     assert [v.name for v in result.model.graph.outputs] == ["a", "b_c"]
-    feed = np.random.default_rng().standard_normal((2, 3)).astype(np.float32)
+    feed = rng.standard_normal((2, 3)).astype(np.float32)
     expected = model(feed)
     got = _run(result.model, {"x": feed})
     np.testing.assert_allclose(got[1], expected["b"]["c"].numpy(), atol=1e-5, rtol=1e-4)

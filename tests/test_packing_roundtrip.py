@@ -50,11 +50,11 @@ def test_bundled_model_round_trip_is_byte_identical(model: Path, tmp_path: Path)
         assert container.manifest.tensors, "the model's weights should be packed"
 
 
-def test_digits_session_from_onnxz_gives_identical_outputs(tmp_path: Path) -> None:
+def test_digits_session_from_onnxz_gives_identical_outputs(tmp_path: Path, rng: np.random.Generator) -> None:
     packed = tmp_path / "digits.onnxz"
     pack(digits_cnn_path(), packed)
     images, _ = load_digits_test()
-    idx = np.random.default_rng().choice(len(images), size=16, replace=False)
+    idx = rng.choice(len(images), size=16, replace=False)
     feeds = {"image": images[idx]}
     expected = onnxpress.load_session(digits_cnn_path()).run(None, feeds)
     actual = onnxpress.load_session(packed).run(None, feeds)
