@@ -40,7 +40,6 @@ def atomic_open(
     mode: str = "wb",
     *,
     sync: bool = False,
-    sync_folder: bool = True,
     encoding: str | None = None,
 ) -> Iterator[IO[Any]]:
     """Opens a temporary file beside ``path``; on a clean exit it replaces ``path``.
@@ -49,10 +48,6 @@ def atomic_open(
         path: The target file.
         mode: A writing mode (``"wb"``, ``"w"``, ``"w+b"``...).
         sync: fsync the file and its folder, so the result survives a power cut too.
-        sync_folder: With ``sync``, also fsync the folder after the rename. A caller that
-            renames another file into the same folder next and syncs the folder then (a
-            shard, then the manifest that lists it) can skip this one: the later sync
-            persists both entries.
         encoding: For text modes.
 
     Yields:
@@ -71,5 +66,5 @@ def atomic_open(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if sync and sync_folder:
+    if sync:
         fsync_dir(path.parent)

@@ -163,9 +163,7 @@ class _HashingWriter:
         return self._size, self._hasher.hexdigest()
 
 
-def _atomic_write(
-    path: Path, write: Callable[[IO[bytes]], None] | bytes, *, sync: bool = True, sync_folder: bool = True
-) -> tuple[int, str]:
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes, *, sync: bool = True) -> tuple[int, str]:
     """Writes a temporary file beside ``path``, syncs it, and renames it into place.
 
     Args:
@@ -174,12 +172,11 @@ def _atomic_write(
             file it is given.
         sync: Flush the file and its folder to disk (the rename is atomic either way; the
             sync makes it survive a power cut too).
-        sync_folder: See :func:`onnxpress.atomic.atomic_open`.
 
     Returns:
         The size and SHA-256 of what was written (hashed as it is written).
     """
-    with atomic_open(path, "wb", sync=sync, sync_folder=sync_folder) as f:
+    with atomic_open(path, "wb", sync=sync) as f:
         out = _HashingWriter(f)
         if isinstance(write, bytes):
             out.write(write)

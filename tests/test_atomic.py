@@ -34,14 +34,13 @@ def test_failure_leaves_the_target_and_no_temporary(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
 
 
-@pytest.mark.parametrize("sync_folder", [True, False])
-def test_folder_sync_can_be_left_to_a_later_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  sync_folder: bool) -> None:
+@pytest.mark.parametrize("sync", [True, False])
+def test_sync_flushes_the_folder_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool) -> None:
     from onnxpress import atomic
 
     synced: list[str] = []
     monkeypatch.setattr(atomic, "fsync_dir", lambda folder: synced.append(str(folder)))
-    with atomic_open(tmp_path / "a.bin", sync=True, sync_folder=sync_folder) as f:
+    with atomic_open(tmp_path / "a.bin", sync=sync) as f:
         f.write(b"x")
     assert (tmp_path / "a.bin").read_bytes() == b"x"
-    assert synced == ([str(tmp_path)] if sync_folder else [])
+    assert synced == ([str(tmp_path)] if sync else [])
