@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 #: Memory-mapped inputs are read ahead, and dropped behind, in windows of this many bytes.
 _WINDOW_BYTES = 16 * 1024**2
+_PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -114,31 +115,30 @@ class _RowFile:
         self.fortran = fortran and len(shape) > 1
         self._mmap: mmap.mmap | None = None
         self._released = 0  # pages before this offset were dropped from the process
+        self._array: np.ndarray | None = None
         if int(np.prod(shape, dtype=np.int64)) > 0:
             with open(path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._mmap.madvise(mmap.MADV_SEQUENTIAL)  # aggressive kernel read-ahead
-        if self.fortran and self._mmap is not None:
-            self._array = np.ndarray(shape, dtype=dtype, buffer=self._mmap, offset=offset, order="F")
+            # One view of the whole array, sliced per batch (a slice costs ~0.2 us, a new view ~3 us).
+            self._array = np.ndarray(shape, dtype=dtype, buffer=self._mmap, offset=offset,
+                                     order="F" if self.fortran else "C")
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        stop = min(stop, self.shape[0])
-        if self._mmap is None or stop <= start:
-            return np.empty((max(0, stop - start), *self.shape[1:]), dtype=self.dtype)
+        array = self._array
+        if array is None or stop <= start or start >= self.shape[0]:
+            return np.empty((max(0, min(stop, self.shape[0]) - start), *self.shape[1:]), dtype=self.dtype)
         if self.fortran:
-            return np.ascontiguousarray(self._array[start:stop])
-        begin = self.offset + start * self.row_bytes
-        page = mmap.PAGESIZE
+            return np.ascontiguousarray(array[start:stop])
         # Dropping pages costs about as much as faulting them in: once per window, not per batch.
-        floor = begin // page * page
+        begin = self.offset + start * self.row_bytes
         if begin < self._released:  # reading backwards: start the window over
+            self._released = begin - begin % _PAGE
+        elif begin - self._released >= _WINDOW_BYTES:  # then the floor is a window on too (page multiples)
+            floor = begin - begin % _PAGE
+            self._mmap.madvise(mmap.MADV_DONTNEED, self._released, floor - self._released)  # type: ignore[union-attr]
             self._released = floor
-        if floor - self._released >= _WINDOW_BYTES:
-            self._mmap.madvise(mmap.MADV_DONTNEED, self._released, floor - self._released)
-            self._released = floor
-        count = (stop - start) * self.row_elements
-        return np.frombuffer(self._mmap, dtype=self.dtype, count=count, offset=begin).reshape(
-            (stop - start, *self.row_shape))
+        return array[start:stop]
 
     def close(self) -> None:
         if self._mmap is not None:

@@ -5,19 +5,28 @@ An output folder holds ``part-00000.npz`` (or ``.parquet``), ``part-00001.npz``,
 each model output an array whose first axis is the rows; when the shard size was chosen for the
 run (not given), the last ``shard_rows`` rows or fewer are cut into shards of ``tail_rows``
 (a quarter), because the shard after the last batch is written with nothing left to
-overlap. A shard is written to a temporary file and renamed into place; only then is the
-manifest, which lists the committed shards with their row ranges, sizes and SHA-256, rewritten
-the same way and flushed to disk. So at any instant -- a crash, a SIGKILL, Ctrl-C -- the
-manifest names only whole shards, and a resumed run starts after the last of them: shard files
-the manifest does not name (written just before the kill) are rewritten, never trusted. A
-resumed run also checks every committed shard's size and SHA-256 (reading the outputs back
-costs far less than computing them): from the first shard that is missing or damaged (a disk
-error, a file changed by hand) on, the rows are computed again, and the shards before it are
-kept. That check is also what survives a power cut: shard files are not fsynced (the kernel
-writes them back in its own time), so a power cut can lose the newest shards' bytes behind a
-durable manifest, and the resumed run recomputes them. Syncing each shard cost the runner
-about 3 % on 50,000 digits rows (+7.6 % against +5.1 % over a bare loop, 80 shuffled pairs);
-syncing the manifest made no difference there.
+overlap. A shard is written to a temporary file and renamed into place; only then can the
+manifest list it: the manifest lists the committed shards with their row ranges, sizes and
+checksums, and is rewritten the same way and flushed to disk, after a shard when the last
+rewrite is :data:`MANIFEST_SECONDS` old, after the last shard, and when the run stops early
+(Ctrl-C, an error). So at any instant -- a crash, a SIGKILL, Ctrl-C -- the manifest names only
+whole shards, and a resumed run starts after the last of them: shard files the manifest does
+not name (written just before the kill) are rewritten, never trusted.
+
+A resumed run also checks every committed shard before it trusts it (reading the outputs
+back costs far less than computing them): its size, and for ``.npz`` shards the CRC-32 of
+every member, which the manifest lists and ``zipfile`` computes while writing (they cover
+every byte of every array; damage to the ZIP's own records is found when it stops the arrays
+from being read back as written, not in a byte that no reader uses, such as a timestamp); for
+Parquet shards, the SHA-256 of the file. From the first
+shard that is missing or damaged (a disk error, a file changed by hand) on, the rows are
+computed again, and the shards before it are kept. That check is also what survives a power
+cut: shard files are not fsynced (the kernel writes them back in its own time), so a power cut
+can lose the newest shards' bytes behind a durable manifest, and the resumed run recomputes
+them. Syncing each shard cost the runner about 3 % on 50,000 digits rows (+7.6 % against
++5.1 % over a bare loop, 80 shuffled pairs); syncing the manifest made no difference there.
+Until format 2 the manifest kept a SHA-256 for ``.npz`` shards too: hashing cost 0.65 ms of
+CPU per MB here, about a quarter of writing a shard, and the CRC-32s come free.
 
 Shards are byte-for-byte reproducible: ``.npz`` shards are written with a fixed zip timestamp
 (``numpy.savez`` stamps the current time), and shard boundaries depend only on ``batch_size``
@@ -35,11 +44,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,14 +64,17 @@ from onnxpress.errors import InputError
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "onnxpress-run/1"
+MANIFEST_FORMAT = "onnxpress-run/2"
+#: Manifests a resumed run still reads: format 1 kept a SHA-256 for every shard, ``.npz`` ones included.
+READABLE_FORMATS = ("onnxpress-run/1", MANIFEST_FORMAT)
 #: When the caller does not choose ``shard_rows``, a run's output is cut into about this many
 #: shards, each between the two sizes below. The last shard is written after the last batch,
 #: with nothing left to overlap it, so it should be a small part of the run; the others are
-#: written while the next batches compute. Each shard costs two file creations, two fsyncs
-#: (the manifest's) and a manifest rewrite besides its bytes (about 1.5 ms of CPU here), which a
-#: model doing little work per output byte notices: 4 MiB shards cut the runner's overhead
-#: on a 1 GB input with 16 MiB of outputs from +33 % to +20 % against 1 MiB ones.
+#: written while the next batches compute. Each shard costs file creations and (at most once
+#: per :data:`MANIFEST_SECONDS`) a synced manifest rewrite besides its bytes, which a model doing
+#: little work per output byte notices: 4 MiB shards cut the runner's overhead on a 1 GB
+#: input with 16 MiB of outputs from +33 % to +20 % against 1 MiB ones (each shard then
+#: rewrote the manifest).
 SHARDS_PER_RUN = 64
 MIN_SHARD_BYTES = 4 * 1024**2
 #: The final stretch of a run (the last ``shard_rows`` rows or fewer) is cut into this many
@@ -70,6 +84,12 @@ MIN_SHARD_BYTES = 4 * 1024**2
 #: 80 shuffled pairs) the overhead went from +5.1 % to +13.1 %.
 TAIL_PIECES = 4
 MAX_SHARD_BYTES = 64 * 1024**2
+#: The manifest is rewritten after a shard only when the last rewrite is this old (and always
+#: after the last shard, and on :meth:`ShardWriter.close`): a kill loses at most this much
+#: written work, which the resumed run recomputes. A shard is 1/64 of a run, so only runs
+#: shorter than about a minute write shards faster than this. A rewrite costs about 0.6 ms of
+#: CPU and 1.2 ms of waiting for the disk here, which a short run paid after every shard.
+MANIFEST_SECONDS = 1.0
 
 
 def default_shard_rows(row_bytes: int, total_rows: int, batch_size: int) -> int:
@@ -123,28 +143,29 @@ def run_fingerprint(model: Path, data: Path, rows: int, batch_size: int) -> dict
     return {"model": model_print, "input": _file_fingerprint(data), "rows": rows, "batch_size": batch_size}
 
 
-class _HashingWriter:
-    """A write-only, unseekable file view that hashes what passes through it.
+class _StreamWriter:
+    """A write-only, unseekable file view that counts what passes through it, and can hash it.
 
     Writers that would seek back (``zipfile`` patches each member's local header) write a
     data descriptor after the member instead, so the file is written in one pass and its
-    SHA-256 comes for free, without reading the file back.
+    size (and, for Parquet shards, its SHA-256) comes without reading the file back.
     """
 
-    def __init__(self, f: IO[bytes]) -> None:
+    def __init__(self, f: IO[bytes], *, sha256: bool = False) -> None:
         self._f = f
-        self._hasher = hashlib.sha256()
-        self._size = 0
+        self._hasher = hashlib.sha256() if sha256 else None
+        self.size = 0
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data)
         self._f.write(view)
-        self._hasher.update(view)
-        self._size += view.nbytes
+        if self._hasher is not None:
+            self._hasher.update(view)
+        self.size += view.nbytes
         return view.nbytes
 
     def tell(self) -> int:
-        return self._size
+        return self.size
 
     def flush(self) -> None:
         self._f.flush()
@@ -159,53 +180,71 @@ class _HashingWriter:
     def seekable(self) -> bool:
         return False
 
-    def digest(self) -> tuple[int, str]:
-        return self._size, self._hasher.hexdigest()
+    def hexdigest(self) -> str:
+        assert self._hasher is not None
+        return self._hasher.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None] | bytes, *, sync: bool = True) -> tuple[int, str]:
-    """Writes a temporary file beside ``path``, syncs it, and renames it into place.
+#: Small row blocks (one per batch) are gathered into a reused buffer of this size and written
+#: a MiB at a time: one CRC-32 update and system call per MiB rather than per batch, and no
+#: array of the whole shard (whose fresh pages cost about as much as copying into them).
+GATHER_BYTES = 1 << 20
+
+
+def write_npz(
+    f: IO[bytes], arrays: Mapping[str, np.ndarray | Sequence[np.ndarray]], *, scratch: bytearray | None = None
+) -> dict[str, int]:
+    """An uncompressed ``.npz`` (loadable by ``numpy.load``) with a fixed timestamp, so it is reproducible.
 
     Args:
-        path: The target.
-        write: The bytes, or a function that writes them, in one pass, to the (unseekable)
-            file it is given.
-        sync: Flush the file and its folder to disk (the rename is atomic either way; the
-            sync makes it survive a power cut too).
+        f: Where to write (written in one pass; no seek).
+        arrays: ``{name: array}``, or ``{name: [block, ...]}``: blocks of rows alike in dtype
+            and row shape, stored as their concatenation along the first axis.
+        scratch: A buffer to gather small blocks in (:data:`GATHER_BYTES` are allocated when
+            None); a caller writing many files passes the same one, whose pages are warm.
 
     Returns:
-        The size and SHA-256 of what was written (hashed as it is written).
-    """
-    with atomic_open(path, "wb", sync=sync) as f:
-        out = _HashingWriter(f)
-        if isinstance(write, bytes):
-            out.write(write)
-        else:
-            write(out)  # type: ignore[arg-type]
-        out.flush()
-        return out.digest()
-
-
-def write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed ``.npz`` (loadable by ``numpy.load``) with a fixed timestamp, so it is reproducible.
+        ``{member name: CRC-32}``, the checksums ``zipfile`` computed while writing.
 
     Numeric arrays are written from their own memory (``numpy.lib.format.write_array`` would
     copy them in 16 MiB pieces when the target is not a real file).
     """
+    gather = memoryview(scratch if scratch is not None else bytearray(GATHER_BYTES))
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, array in arrays.items():
+        for name, value in arrays.items():
+            blocks = [np.asarray(b, order="C") for b in (value if isinstance(value, (list, tuple)) else [value])]
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
             with archive.open(info, "w", force_zip64=True) as member:
-                array = np.ascontiguousarray(array)
-                if array.dtype.hasobject:  # refused with numpy's own message
-                    np.lib.format.write_array(member, array, allow_pickle=False)
+                first = blocks[0]
+                if first.dtype.hasobject:  # refused with numpy's own message
+                    np.lib.format.write_array(member, np.concatenate(blocks), allow_pickle=False)
                     continue
-                header = np.lib.format.header_data_from_array_1_0(array)
+                shape = (sum(len(b) for b in blocks), *first.shape[1:]) if first.ndim else ()
+                header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False, "shape": shape}
                 try:
                     np.lib.format.write_array_header_1_0(member, header)
                 except ValueError:  # a header over 64 KiB (very many dimensions)
                     np.lib.format.write_array_header_2_0(member, header)
-                member.write(memoryview(array.reshape(-1).view(np.uint8)))
+                _write_blocks(member, blocks, gather)
+        return {info.filename: info.CRC for info in archive.infolist()}
+
+
+def _write_blocks(out: IO[bytes], blocks: Sequence[np.ndarray], gather: memoryview) -> None:
+    """Writes C-contiguous arrays' bytes back to back; those under half of ``gather`` are gathered there first."""
+    fill = 0
+    for block in blocks:
+        data = memoryview(block.reshape(-1).view(np.uint8))
+        size = data.nbytes
+        if fill and fill + size > len(gather):
+            out.write(gather[:fill])
+            fill = 0
+        if 2 * size > len(gather):
+            out.write(data)
+        elif size:
+            gather[fill:fill + size] = data
+            fill += size
+    if fill:
+        out.write(gather[:fill])
 
 
 def write_parquet(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
@@ -288,6 +327,12 @@ class ShardWriter:
     _queued_shards: int | None = None
     _executor: ThreadPoolExecutor | None = None
     _pending: Future[None] | None = None
+    _last_submitted: Future[None] | None = None
+    #: The writer thread's buffer for :func:`write_npz` (allocated on its first shard).
+    _gather: bytearray | None = None
+    #: When the manifest was last rewritten (``time.monotonic``), and whether shards were written since.
+    _manifest_time: float = -math.inf
+    _manifest_stale: bool = False
     #: With ``force``: where the earlier run's outputs wait until this run completes.
     replaced: Path | None = None
 
@@ -410,8 +455,9 @@ class ShardWriter:
 
     def _check_resume(self, fingerprint: dict[str, Any], shard_rows: int | None) -> None:
         m = self.manifest
-        if m.get("format") != MANIFEST_FORMAT:
+        if m.get("format") not in READABLE_FORMATS:
             raise InputError(f"{self.folder / MANIFEST}: not an onnxpress run manifest")
+        m["format"] = MANIFEST_FORMAT  # the shards added now are listed with their CRC-32
         old = m["fingerprint"]
         for key, what in (("model", "model"), ("input", "input data"), ("rows", "number of input rows"),
                           ("batch_size", "batch size")):
@@ -423,7 +469,7 @@ class ShardWriter:
         if shard_rows is not None and m["shard_rows"] is not None and shard_rows != m["shard_rows"]:
             logger.warning("resuming with the run's %d rows per shard (not %d)", m["shard_rows"], shard_rows)
         if m["shards"]:
-            logger.info("checking the SHA-256 of %d committed shards (%.1f MB) before resuming",
+            logger.info("checking the checksums of %d committed shards (%.1f MB) before resuming",
                         len(m["shards"]), sum(s["bytes"] for s in m["shards"]) / 1e6)
         for kept, shard in enumerate(m["shards"]):
             problem = _shard_problem(self.folder / shard["file"], shard)
@@ -442,7 +488,10 @@ class ShardWriter:
                 path.unlink()
 
     def _write_manifest(self, *, sync: bool = True) -> None:
-        _atomic_write(self.folder / MANIFEST, manifest_text(self.manifest).encode(), sync=sync)
+        with atomic_open(self.folder / MANIFEST, "wb", sync=sync) as f:
+            f.write(manifest_text(self.manifest).encode())
+        self._manifest_stale = False
+        self._manifest_time = time.monotonic()
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """Adds one batch of outputs (each array's first axis = rows); commits full shards."""
@@ -473,11 +522,11 @@ class ShardWriter:
         tail = self.manifest.get("tail_rows") or rows  # manifests written before tail_rows existed
         return tail if self.manifest["total_rows"] - start <= rows else rows
 
-    def _commit(self, rows: int, *, last: bool = False) -> None:
+    def _commit(self, rows: int) -> None:
         """Hands the first ``rows`` buffered rows to the writer thread as the next shard.
 
-        One shard is written while the next one fills: the thread's work (copying, CRC,
-        SHA-256, the disk) releases the GIL, so onnxruntime keeps running meanwhile. At most
+        One shard is written while the next one fills: the thread's work (copying, CRC-32,
+        the disk) releases the GIL, so onnxruntime keeps running meanwhile. At most
         one shard waits, which bounds memory at two shards.
         """
         shard: dict[str, list[np.ndarray]] = {}
@@ -507,20 +556,35 @@ class ShardWriter:
         self._wait()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxpress-shards")
-        self._pending = self._executor.submit(self._write_shard, shard, index, start, rows, last)
+        self._pending = self._last_submitted = self._executor.submit(self._write_shard, shard, index, start, rows)
 
-    def _write_shard(self, parts: dict[str, list[np.ndarray]], index: int, start: int, rows: int, last: bool) -> None:
-        shard = {n: np.concatenate(p) if len(p) > 1 else p[0] for n, p in parts.items()}
+    def _write_shard(self, parts: dict[str, list[np.ndarray]], index: int, start: int, rows: int) -> None:
         fmt = self.manifest["output_format"]
-        writer = write_npz if fmt == "npz" else write_parquet
         name = f"part-{index:05d}.{fmt}"
+        entry: dict[str, Any] = {"file": name, "start": start, "stop": start + rows}
         # not synced: the manifest is, and a resumed run checks every shard it lists (module docstring)
-        size, digest = _atomic_write(self.folder / name, lambda f: writer(f, shard), sync=False)
-        self.shards.append({"file": name, "start": start, "stop": start + rows, "bytes": size, "sha256": digest})
-        if last and start + rows == self.manifest["total_rows"]:
+        with atomic_open(self.folder / name, "wb") as f:
+            out = _StreamWriter(f, sha256=fmt != "npz")
+            if fmt == "npz":  # the batches' blocks are written one after the other, not joined first
+                if self._gather is None:
+                    self._gather = bytearray(GATHER_BYTES)
+                crcs = write_npz(out, parts, scratch=self._gather)  # type: ignore[arg-type]
+            else:
+                write_parquet(out, {n: np.concatenate(p) if len(p) > 1 else p[0] for n, p in parts.items()})  # type: ignore[arg-type]
+            out.flush()
+        entry["bytes"] = out.size
+        if fmt == "npz":
+            entry["crc32"] = crcs
+        else:
+            entry["sha256"] = out.hexdigest()
+        self.shards.append(entry)
+        if start + rows == self.manifest["total_rows"]:
             self.manifest["complete"] = True
-        self._write_manifest()
-        logger.debug("committed %s (rows %d-%d)", name, start, start + rows)
+        if self.manifest["complete"] or time.monotonic() - self._manifest_time >= MANIFEST_SECONDS:
+            self._write_manifest()
+            logger.debug("committed %s (rows %d-%d)", name, start, start + rows)
+        else:  # listed by the next rewrite (close() makes one)
+            self._manifest_stale = True
 
     def _wait(self) -> None:
         """Waits for the shard being written; its error, if any, is raised here."""
@@ -529,18 +593,22 @@ class ShardWriter:
             pending.result()
 
     def close(self) -> None:
-        """Waits for the shard in flight (committed work is kept) and stops the writer thread."""
+        """Waits for the shard in flight, lists every written shard in the manifest and stops the writer thread."""
         try:
             self._wait()
+            if self._manifest_stale:
+                self._write_manifest()
         finally:
             if self._executor is not None:
-                self._executor.shutdown(wait=True)
+                # Once the last shard is written the idle thread exits on its own: no need to join it.
+                last = self._last_submitted
+                self._executor.shutdown(wait=last is None or not last.done())
                 self._executor = None
 
     def finish(self) -> None:
         """Commits the last partial shard and marks the run complete (one manifest write)."""
         if self.buffered_rows:
-            self._commit(self.buffered_rows, last=True)
+            self._commit(self.buffered_rows)
         self.close()
         if self.rows_done != self.manifest["total_rows"]:
             raise InputError(
@@ -556,12 +624,27 @@ class ShardWriter:
 
 
 def _shard_problem(path: Path, shard: dict[str, Any]) -> str | None:
-    """What is wrong with a committed shard file (missing, another size, another SHA-256), or None."""
+    """What is wrong with a committed shard file, or None.
+
+    Missing; another size; for ``.npz`` shards, members other than those the manifest lists
+    with their CRC-32, or member data that does not match its CRC-32 (every byte is read);
+    for Parquet shards (and ``.npz`` shards of manifests before format 2), another SHA-256.
+    """
     if not path.is_file():
         return "the committed shard is missing"
     size = path.stat().st_size
     if size != shard["bytes"]:
         return f"the committed shard has {size} bytes, the manifest says {shard['bytes']}"
+    if "crc32" in shard:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = {info.filename: info.CRC for info in archive.infolist()}
+                if members != shard["crc32"]:
+                    return "the committed shard's members or their CRC-32 differ from the manifest"
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+            return f"the committed shard is not a readable .npz ({exc})"
+        return None if bad is None else f"the committed shard's member {bad!r} does not match its CRC-32"
     with open(path, "rb") as f:
         if hashlib.file_digest(f, "sha256").hexdigest() != shard["sha256"]:
             return "the committed shard does not match its SHA-256 in the manifest"
@@ -586,12 +669,13 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def iter_shards(folder: str | os.PathLike[str], *, verify: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Yields each committed shard's outputs in row order (``verify`` checks each SHA-256)."""
+    """Yields each committed shard's outputs in row order (``verify`` checks each against the manifest first)."""
     folder = Path(folder)
     for shard in read_manifest(folder)["shards"]:
         path = folder / shard["file"]
-        if verify and hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
-            raise InputError(f"{path}: does not match the SHA-256 in the manifest")
+        problem = _shard_problem(path, shard) if verify else None
+        if problem is not None:
+            raise InputError(f"{path}: {problem}")
         if path.suffix == ".parquet":
             yield _read_parquet(path)
         else:

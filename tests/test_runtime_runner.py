@@ -252,18 +252,59 @@ def test_resume_after_interrupt_in_process(tmp_path: Path, rng: np.random.Genera
             assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 
 
-def _wait_for_shards(folder: Path, count: int, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
-    """Waits until the manifest lists ``count`` shards; False when the run ended first."""
+def test_manifest_lists_shards_at_most_once_a_while_and_all_on_close(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between rewrites the manifest lags the shard files; a kill there loses only those shards."""
+    import onnxpress.runtime.shards as shards_module
+
+    proto = chain_model(rng)
+    model = save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", x=rng.standard_normal((480, 64)).astype(np.float32))
+    runner = BatchRunner(model, batch_size=16)
+    runner.run(tmp_path / "in.npz", tmp_path / "ref", shard_rows=48)
+    monkeypatch.setattr(shards_module, "MANIFEST_SECONDS", 3600.0)
+    seen: list[tuple[int, int]] = []
+
+    def watch(done: int, total: int) -> None:
+        files = len(list((tmp_path / "out").glob("part-*.npz")))
+        seen.append((files, len(read_manifest(tmp_path / "out")["shards"])))
+        if done >= 400:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(tmp_path / "in.npz", tmp_path / "out", shard_rows=48, progress=watch)
+    assert max(files for files, _ in seen) >= 5
+    assert {listed for _, listed in seen} == {0}  # the manifest written at the start, not again for an hour
+    manifest = read_manifest(tmp_path / "out")  # close() listed every shard written
+    assert not manifest["complete"]
+    assert [s["file"] for s in manifest["shards"]] == sorted(p.name for p in (tmp_path / "out").glob("part-*.npz"))
+    assert manifest["shards"][-1]["stop"] >= 384
+    result = runner.run(tmp_path / "in.npz", tmp_path / "out", resume=True)
+    assert result.resumed_from == manifest["shards"][-1]["stop"]
+    assert read_manifest(tmp_path / "out")["complete"]
+    for name in os.listdir(tmp_path / "ref"):
+        if name != "manifest.json":
+            assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def _wait_for_shards(folder: Path, count: int, proc: subprocess.Popen, since_ns: int, timeout: float = 60.0) -> bool:
+    """Waits until the run has written ``count`` shard files since ``since_ns``; False when it ended first.
+
+    Shard files, not the manifest: a short run lists its shards in the manifest at most once a
+    second (``MANIFEST_SECONDS``), so the manifest alone would let it finish unkilled.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
         try:
-            if len(json.loads((folder / "manifest.json").read_text())["shards"]) >= count:
-                return True
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.005)
+            written = [p for p in folder.glob("part-*.npz") if p.stat().st_mtime_ns >= since_ns]
+        except OSError:  # a file renamed or removed while listed
+            continue
+        if len(written) >= count:
+            return True
+        time.sleep(0.002)
     raise AssertionError("the run made no progress")
 
 
@@ -281,10 +322,11 @@ def test_resume_after_sigkill_at_random_points_is_identical(tmp_path: Path, rng:
     kills = 0
     done = 0
     for attempt in range(2):
-        target = int(rng.integers(done + 1, done + 1 + shards // 3))
+        target = int(rng.integers(1, max(2, 1 + (shards - done) // 3)))
+        since = time.time_ns()  # shard files left by the killed run are older
         proc = subprocess.Popen([*cmd, *(["--resume"] if attempt else [])], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        if _wait_for_shards(out, target, proc):
+        if _wait_for_shards(out, target, proc, since):
             time.sleep(float(rng.uniform(0, 0.01)))  # land anywhere: inside a batch, a shard write, the manifest
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -345,9 +387,11 @@ def test_default_shards_are_a_64th_of_the_output_within_bounds(row_bytes: int, r
 
 
 @pytest.mark.parametrize("fmt", ["npz", "parquet"])
-def test_manifest_digests_are_the_files_on_disk(tmp_path: Path, rng: np.random.Generator, fmt: str) -> None:
-    """Shards are hashed while they are written (one pass): the digests must be the files' own."""
+def test_manifest_checksums_are_the_files_on_disk(tmp_path: Path, rng: np.random.Generator, fmt: str) -> None:
+    """Checksums come from the one writing pass: ``.npz`` shards list their members' CRC-32, Parquet ones a SHA-256."""
     import hashlib
+    import zipfile
+    import zlib
 
     from onnxpress.runtime.shards import iter_shards
 
@@ -362,7 +406,13 @@ def test_manifest_digests_are_the_files_on_disk(tmp_path: Path, rng: np.random.G
     for shard in manifest["shards"]:
         raw = (out / shard["file"]).read_bytes()
         assert shard["bytes"] == len(raw)
-        assert shard["sha256"] == hashlib.sha256(raw).hexdigest()
+        if fmt == "npz":
+            assert "sha256" not in shard
+            with zipfile.ZipFile(out / shard["file"]) as archive:
+                assert shard["crc32"] == {n: zlib.crc32(archive.read(n)) for n in ("y.npy", "z.npy")}
+        else:
+            assert "crc32" not in shard
+            assert shard["sha256"] == hashlib.sha256(raw).hexdigest()
     expected = run_ort(proto, data)
     parts = list(iter_shards(out, verify=True))
     np.testing.assert_array_equal(np.concatenate([p["y"] for p in parts]), expected[0])
@@ -396,11 +446,11 @@ def test_default_shards_cut_the_final_stretch_into_quarters_and_resume_identical
         assert read_manifest(out)["shards"] == manifest["shards"]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip", "flip-listed-crc", "truncate", "delete"])
 def test_resume_recomputes_from_the_first_damaged_shard(tmp_path: Path, rng: np.random.Generator,
                                                         caplog: pytest.LogCaptureFixture, damage: str) -> None:
     """A committed shard that was damaged after the fact (same size, other bytes; cut short;
-    gone) is found by its SHA-256 on resume: the shards before it are kept, the rows from it
+    gone) is found by its CRC-32s on resume: the shards before it are kept, the rows from it
     on are computed again, and the outputs equal an uninterrupted run's, byte for byte."""
     model = save(chain_model(rng), tmp_path / "m.onnx")
     np.savez(tmp_path / "in.npz", x=rng.standard_normal((300, 64)).astype(np.float32))
@@ -413,7 +463,13 @@ def test_resume_recomputes_from_the_first_damaged_shard(tmp_path: Path, rng: np.
     path = tmp_path / "out" / shards[bad]["file"]
     data = bytearray(path.read_bytes())
     if damage == "flip":
-        data[-100] ^= 0x01  # inside the last member's array bytes: the zip still opens
+        data[len(data) // 2] ^= 0x01  # inside an array's bytes: the zip still opens
+        path.write_bytes(bytes(data))
+    elif damage == "flip-listed-crc":  # the central directory's CRC-32 of the first member
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive:
+            data[archive.start_dir + 16] ^= 0x01
         path.write_bytes(bytes(data))
     elif damage == "truncate":
         path.write_bytes(bytes(data[: len(data) // 2]))
@@ -428,6 +484,33 @@ def test_resume_recomputes_from_the_first_damaged_shard(tmp_path: Path, rng: np.
     assert read_manifest(tmp_path / "out")["shards"] == read_manifest(tmp_path / "ref")["shards"]
     for shard in shards:
         assert (tmp_path / "out" / shard["file"]).read_bytes() == (tmp_path / "ref" / shard["file"]).read_bytes()
+
+
+def test_resume_reads_a_format_1_manifest_and_checks_its_sha256(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Runs interrupted before format 2 listed every shard with a SHA-256; resuming them checks those."""
+    import hashlib
+
+    model = save(chain_model(rng), tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", x=rng.standard_normal((300, 64)).astype(np.float32))
+    runner = BatchRunner(model, batch_size=16)
+    runner.run(tmp_path / "in.npz", tmp_path / "ref", shard_rows=48)
+    out = tmp_path / "out"
+    runner.run(tmp_path / "in.npz", out, shard_rows=48)
+    manifest = read_manifest(out)
+    manifest["format"], manifest["complete"] = "onnxpress-run/1", False
+    for shard in manifest["shards"]:
+        del shard["crc32"]
+        shard["sha256"] = hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
+    manifest["shards"][3]["sha256"] = "0" * 64  # this one no longer matches
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.run(tmp_path / "in.npz", out, resume=True)
+    assert result.resumed_from == manifest["shards"][3]["start"]
+    resumed = read_manifest(out)
+    assert resumed["format"] == "onnxpress-run/2" and resumed["complete"]
+    assert [("sha256" in s, "crc32" in s) for s in resumed["shards"]] == [(True, False)] * 3 + [(False, True)] * (
+        len(resumed["shards"]) - 3)
+    for shard in read_manifest(tmp_path / "ref")["shards"]:
+        assert (out / shard["file"]).read_bytes() == (tmp_path / "ref" / shard["file"]).read_bytes()
 
 
 @given(st.dictionaries(st.text(max_size=8), st.recursive(
