@@ -37,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxpress.errors import InputError
-from onnxpress.runtime.data import InputSource, iter_slices, open_source
+from onnxpress.runtime.data import InputSource, open_source
 from onnxpress.runtime.shards import (
     MANIFEST,
     ShardWriter,
@@ -336,22 +336,27 @@ class BatchRunner:
 
     def run_batch(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs one batch, padding it to a fixed batch size and trimming the outputs back."""
-        prepared = {name: feeds[name] for name in self._input_names}
-        rows = len(prepared[self._input_names[0]]) if self._input_names else 0
-        pad = self.fixed_batch is not None and rows < self.fixed_batch
+        outputs = self._run_values({name: feeds[name] for name in self._input_names})
+        return dict(zip(self.output_names, outputs, strict=True))
+
+    def _run_values(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """:meth:`run_batch` on a dict of exactly the model's inputs (cast in place), the outputs as a list."""
         for name, dtype in self._input_dtypes:
-            if prepared[name].dtype != dtype:
-                prepared[name] = prepared[name].astype(dtype)
+            if feeds[name].dtype != dtype:
+                feeds[name] = feeds[name].astype(dtype)
+        rows = len(feeds[self._input_names[0]]) if self.fixed_batch is not None else 0
+        pad = rows < self.fixed_batch if self.fixed_batch is not None else False
         if pad:
-            prepared = pad_rows(prepared, self.fixed_batch)
+            feeds = pad_rows(feeds, self.fixed_batch)
         try:
-            outputs = self.session.run(self.output_names, prepared, self._run_options)
+            outputs = self.session.run(self.output_names, feeds, self._run_options)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidArgument...)
             message = " ".join(str(exc).split())
+            rows = len(next(iter(feeds.values()))) if feeds else 0
             raise InputError(f"onnxruntime cannot run the model on a batch of {rows} rows: {message}") from exc
         if pad:  # trims the outputs that have a row per padded sample; a scalar has none
             outputs = [o[:rows] if getattr(o, "ndim", 0) and len(o) == self.fixed_batch else o for o in outputs]
-        return dict(zip(self.output_names, outputs, strict=True))
+        return outputs
 
     def _check_declared_outputs(self) -> list[InputSpec]:
         """Refuses outputs the shards cannot hold, and outputs declared without an axis of samples.
@@ -395,14 +400,23 @@ class BatchRunner:
         self, source: InputSource, *, start: int = 0, stop: int | None = None
     ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
         """Yields ``(start, stop, outputs)`` for each batch from row ``start`` on."""
+        names = self.output_names
+        for lo, hi, values in self._iter_values(source, start, stop):
+            yield lo, hi, dict(zip(names, values, strict=True))
+
+    def _iter_values(
+        self, source: InputSource, start: int, stop: int | None
+    ) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        """:meth:`iter_outputs` with each batch's outputs as a list in ``output_names`` order."""
         stop = source.num_rows if stop is None else min(stop, source.num_rows)
-        read, run_batch, names = source.read, self.run_batch, self._input_names  # per batch: no lookups
-        for lo, hi in iter_slices(stop, self.batch_size, start):
+        read, run_values, names, batch = source.read, self._run_values, self._input_names, self.batch_size
+        for lo in range(start, stop, batch):
+            hi = min(lo + batch, stop)
             try:
-                outputs = run_batch(read(lo, hi, names))
+                values = run_values(read(lo, hi, names))
             except InputError as exc:
                 raise InputError(f"{source.path}: rows {lo}-{hi}: {exc}") from exc
-            yield lo, hi, outputs
+            yield lo, hi, values
 
     def run(
         self,
@@ -464,11 +478,27 @@ class BatchRunner:
                 progress(start_row, source.num_rows)
             try:
                 expected = _row_signatures(writer.manifest["outputs"]) if writer.manifest["outputs"] else None
-                for lo, hi, outputs in self.iter_outputs(source, start=start_row):
-                    _check_outputs(outputs, lo, hi, expected)
-                    writer.add(outputs)
-                    if expected is None:
+                signatures: list[tuple[np.dtype, tuple[int, ...]]] = []
+                names, add_values = self.output_names, writer.add_values
+                # Python right after an onnxruntime run is several times slower than in a tight loop
+                # (the run evicted its caches), so every batch after the first does as little as it can.
+                for lo, hi, values in self._iter_values(source, start_row, None):
+                    if signatures:
+                        rows = hi - lo
+                        try:
+                            for value, (dtype, row_shape) in zip(values, signatures):
+                                shape = value.shape
+                                if shape[0] != rows or shape[1:] != row_shape or value.dtype != dtype:
+                                    raise ValueError
+                        except (AttributeError, IndexError, ValueError):
+                            _check_outputs(dict(zip(names, values, strict=True)), lo, hi, expected)  # raises
+                        add_values(values, rows)
+                    else:
+                        outputs = dict(zip(names, values, strict=True))
+                        _check_outputs(outputs, lo, hi, expected)
+                        writer.add(outputs)
                         expected = _row_signatures(writer.manifest["outputs"])
+                        signatures = [expected[name] for name in names]
                     if progress is not None:
                         progress(hi, source.num_rows)
                 writer.finish()  # closes the writer

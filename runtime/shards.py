@@ -319,11 +319,13 @@ class ShardWriter:
 
     folder: Path
     manifest: dict[str, Any]
+    #: Per output, the batches not yet handed to the writer thread (set up by the first :meth:`add`).
     buffer: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    _parts: list[list[np.ndarray]] = field(default_factory=list)
     buffered_rows: int = 0
     _queued_rows: int | None = None
-    #: Rows of the next shard to commit (worked out once per shard, not per batch).
-    _next_commit: int | None = None
+    #: Rows of the next shard to commit (worked out once per shard, not per batch; none before the first batch).
+    _next_commit: float = math.inf
     _queued_shards: int | None = None
     _executor: ThreadPoolExecutor | None = None
     _pending: Future[None] | None = None
@@ -493,9 +495,32 @@ class ShardWriter:
         self._manifest_stale = False
         self._manifest_time = time.monotonic()
 
-    def add(self, outputs: dict[str, np.ndarray]) -> None:
-        """Adds one batch of outputs (each array's first axis = rows); commits full shards."""
-        rows = len(next(iter(outputs.values())))
+    def add(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Adds one batch of outputs (each array's first axis = rows); commits full shards.
+
+        Raises:
+            ValueError: The outputs are named otherwise than the first batch's.
+        """
+        if not self.buffer:
+            self._start(outputs)
+        elif outputs.keys() != self.buffer.keys():
+            raise ValueError(f"outputs {sorted(outputs)} differ from the first batch's {sorted(self.buffer)}")
+        self.add_values([outputs[name] for name in self.buffer], len(next(iter(outputs.values()))))
+
+    def add_values(self, values: Sequence[np.ndarray], rows: int) -> None:
+        """:meth:`add` for every batch after the first, without names: ``values`` in the first batch's order.
+
+        The runner's loop calls this once per batch, so it does only what must be done per batch.
+        """
+        for parts, value in zip(self._parts, values, strict=True):
+            parts.append(value)
+        self.buffered_rows += rows
+        while self.buffered_rows >= self._next_commit:
+            self._commit(self._next_commit)
+            self._next_commit = self._shard_size(self._next_start())
+
+    def _start(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Sets up for the run's outputs at its first batch: shard sizes, the outputs' rows, the buffers."""
         if self.manifest["shard_rows"] is None:
             row_bytes = sum(a.nbytes // max(1, len(a)) for a in outputs.values())
             batch = self.manifest["batch_size"]
@@ -503,14 +528,9 @@ class ShardWriter:
             self.manifest["tail_rows"] = max(batch, self.manifest["shard_rows"] // TAIL_PIECES // batch * batch)
         if not self.manifest["outputs"]:
             self.manifest["outputs"] = {n: {"dtype": str(a.dtype), "row_shape": list(a.shape[1:])} for n, a in outputs.items()}
-        for name, array in outputs.items():
-            self.buffer.setdefault(name, []).append(array)
-        self.buffered_rows += rows
-        if self._next_commit is None:
-            self._next_commit = self._shard_size(self._next_start())
-        while self.buffered_rows >= self._next_commit:  # per batch, only this comparison
-            self._commit(self._next_commit)
-            self._next_commit = self._shard_size(self._next_start())
+        self.buffer = {name: [] for name in outputs}
+        self._parts = list(self.buffer.values())
+        self._next_commit = self._shard_size(self._next_start())
 
     def _next_start(self) -> int:
         """The first row of the next shard to commit."""
@@ -530,24 +550,22 @@ class ShardWriter:
         one shard waits, which bounds memory at two shards.
         """
         shard: dict[str, list[np.ndarray]] = {}
-        rest: dict[str, list[np.ndarray]] = {}
-        for name, parts in self.buffer.items():
+        for name, parts in self.buffer.items():  # the lists stay (add_values holds them), emptied in place
             taken, need = [], rows
             for i, part in enumerate(parts):
                 if need >= len(part):
                     taken.append(part)
                     need -= len(part)
                     if need == 0:
-                        rest[name] = parts[i + 1:]
+                        del parts[:i + 1]
                         break
                 else:
                     taken.append(part[:need])
-                    rest[name] = [part[need:], *parts[i + 1:]]
+                    parts[:i + 1] = [part[need:]]
                     break
             else:
-                rest[name] = []
+                parts.clear()
             shard[name] = taken
-        self.buffer = {n: p for n, p in rest.items() if p}
         self.buffered_rows -= rows
         start = self._next_start()
         self._queued_rows = start + rows
