@@ -528,3 +528,18 @@ def test_manifest_text_is_the_manifest_as_json_with_a_shard_per_line(
     lines = text.splitlines()
     for shard in shard_list:
         assert any(line.strip().rstrip(",") == json.dumps(shard) for line in lines)
+
+
+def test_shard_writer_refuses_a_batch_with_other_outputs(tmp_path: Path) -> None:
+    from onnxpress.runtime.shards import ShardWriter
+
+    writer = ShardWriter.open(tmp_path / "out", fingerprint={}, resume=False, force=False, output_format="npz",
+                              batch_size=2, shard_rows=4, total_rows=8)
+    writer.add({"y": np.zeros((2, 3), np.float32), "z": np.zeros(2, np.int64)})
+    with pytest.raises(ValueError, match=r"outputs \['y'\] differ from the first batch's \['y', 'z'\]"):
+        writer.add({"y": np.zeros((2, 3), np.float32)})
+    writer.add({"z": np.ones(2, np.int64), "y": np.ones((2, 3), np.float32)})  # the same names in another order
+    writer.close()
+    shard = np.load(tmp_path / "out" / "part-00000.npz")
+    np.testing.assert_array_equal(shard["y"], np.r_[np.zeros((2, 3)), np.ones((2, 3))])
+    np.testing.assert_array_equal(shard["z"], [0, 0, 1, 1])
