@@ -71,12 +71,16 @@ class Tolerances:
     """Limits the verdict checks; None switches a check off.
 
     Attributes:
-        min_cosine: Every output's *mean* cosine (over samples) must reach this.
-        min_worst_cosine: Every output's *minimum* cosine over samples must reach this.
+        min_cosine: Every floating output's *mean* cosine (over samples) must reach this.
+        min_worst_cosine: Every floating output's *minimum* cosine over samples must reach this.
         max_abs_error: Every output's maximum absolute error must stay within this.
         max_mean_abs_error: Every output's mean absolute error must stay within this.
         max_rel_l2: Every output's relative L2 error must stay within this.
         min_top1_agreement: Percent of samples whose top-1 class agrees (class-score outputs).
+        min_equal_values: Integer and bool outputs (an arg-max head's class ids, a mask): the
+            percent of values equal in both models must reach this. Such outputs take no
+            cosine check: the cosine of two vectors of class ids is near 1 however many differ
+            (ids 0-9 with 2 % of them changed give about 0.994).
         max_accuracy_drop: Reference accuracy minus candidate accuracy, percentage points
             (needs labels).
         min_speedup: Candidate throughput / reference throughput must reach this.
@@ -89,6 +93,7 @@ class Tolerances:
     max_mean_abs_error: float | None = None
     max_rel_l2: float | None = None
     min_top1_agreement: float | None = None
+    min_equal_values: float | None = 99.0
     max_accuracy_drop: float | None = 1.0
     min_speedup: float | None = None
     max_size_ratio: float | None = None
@@ -603,11 +608,14 @@ def _verdict(report: ValidationReport) -> list[Check]:
             continue
         if m.nonfinite:
             checks.append(Check(f"{name}: non-finite differences", float(m.nonfinite), 0.0, False))
-        if t.min_cosine is not None:
+        if t.min_cosine is not None and not m.exact_values:
             checks.append(Check(f"{name}: mean cosine >=", m.mean_cosine, t.min_cosine, m.mean_cosine >= t.min_cosine))
-        if t.min_worst_cosine is not None:
+        if t.min_worst_cosine is not None and not m.exact_values:
             checks.append(Check(f"{name}: min cosine >=", m.min_cosine, t.min_worst_cosine,
                                 m.min_cosine >= t.min_worst_cosine))
+        if t.min_equal_values is not None and m.exact_values and m.top1_agreement is not None:
+            checks.append(Check(f"{name}: equal values % >=", m.top1_agreement, t.min_equal_values,
+                                m.top1_agreement >= t.min_equal_values))
         if t.max_abs_error is not None:
             checks.append(Check(f"{name}: max abs error <=", m.max_abs_error, t.max_abs_error,
                                 m.max_abs_error <= t.max_abs_error))
@@ -616,7 +624,7 @@ def _verdict(report: ValidationReport) -> list[Check]:
                                 m.mean_abs_error <= t.max_mean_abs_error))
         if t.max_rel_l2 is not None:
             checks.append(Check(f"{name}: rel L2 error <=", m.rel_l2_error, t.max_rel_l2, m.rel_l2_error <= t.max_rel_l2))
-        if t.min_top1_agreement is not None and m.top1_agreement is not None:
+        if t.min_top1_agreement is not None and m.class_scores and m.top1_agreement is not None:
             checks.append(Check(f"{name}: top-1 agreement % >=", m.top1_agreement, t.min_top1_agreement,
                                 m.top1_agreement >= t.min_top1_agreement))
     if t.max_accuracy_drop is not None and report.accuracy_drop is not None:
@@ -838,11 +846,10 @@ def validate(
     finally:
         if isinstance(data, (str, os.PathLike)):
             source.close()
-    if tolerances.min_top1_agreement is not None and not any(
-            m.class_scores or m.exact_values for m in report.outputs.values()):
+    if tolerances.min_top1_agreement is not None and not any(m.class_scores for m in report.outputs.values()):
         report.warnings.append(
             "the top-1 agreement check is not applied: no output holds class scores (floating [samples, classes >= 2], "
-            "not named as features) or integer values")
+            "not named as features); integer and bool outputs are checked by min_equal_values")
     report.checks = _verdict(report)
     report.seconds = time.perf_counter() - began
     logger.info("validated %s against %s on %d samples: %s", candidate, reference, rows,

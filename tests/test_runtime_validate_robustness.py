@@ -373,17 +373,41 @@ def test_integer_outputs_are_compared_exactly(tmp_path: Path, rng: np.random.Gen
     assert report.outputs["y"].max_abs_error == 1.0 and report.outputs["y"].mean_abs_error == 1.0
     assert not report.passed
     # integer outputs (an arg-max head's class ids, a mask): agreement is the share of equal values
-    same = validate(ref, ref, data={"x": ids}, measure_speed=False, tolerances=Tolerances(min_top1_agreement=99))
+    same = validate(ref, ref, data={"x": ids}, measure_speed=False, tolerances=Tolerances(min_equal_values=99))
     assert same.passed and same.outputs["y"].top1_agreement == 100.0
     half = save(tmp_path, "half.onnx", "g (int64[N, 3] x) => (int64[N, 3] y) { y = Mul(x, m) }",
                 m=np.array([1, 1, 2], np.int64))
-    off = validate(ref, half, data={"x": ids}, measure_speed=False, tolerances=Tolerances(min_top1_agreement=99))
+    off = validate(ref, half, data={"x": ids}, measure_speed=False, tolerances=Tolerances(min_equal_values=99))
     assert off.outputs["y"].top1_agreement == pytest.approx(100 * 2 / 3) and not off.passed
-    # a top-1 check that no output can take is said, not dropped in silence
+    # a top-1 check that no output can take is said, not dropped in silence; integer outputs do not take it
     flt = save(tmp_path, "f.onnx", "g (float[N] x) => (float[N] y) { y = Identity(x) }")
-    quiet = validate(flt, flt, data={"x": rng.standard_normal(20).astype(np.float32)}, measure_speed=False,
-                     tolerances=Tolerances(min_top1_agreement=99))
-    assert quiet.passed and any("top-1 agreement check is not applied" in w for w in quiet.warnings)
+    for model, data in ((flt, {"x": rng.standard_normal(20).astype(np.float32)}), (half, {"x": ids})):
+        quiet = validate(model, model, data=data, measure_speed=False, tolerances=Tolerances(min_top1_agreement=99))
+        assert quiet.passed and any("top-1 agreement check is not applied" in w for w in quiet.warnings)
+        assert not any("top-1" in c.name for c in quiet.checks)
+
+
+def test_class_ids_are_judged_by_equal_values_not_cosine(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Was: the default verdict took the cosine of an arg-max head's class ids, which stays near 1
+    however many ids change (0.994 with 2 % of ten classes changed), so such a model passed."""
+    text = "g (float[N, 10] x, int64[N] flip) => (int64[N] ids, float[N, 10] p) {{ {} p = Identity(x) }}"
+    ref = save(tmp_path, "ref.onnx", text.format("ids = ArgMax<axis = 1, keepdims = 0>(x)"))
+    # the candidate's class id is off by one where `flip` is 1
+    cand = save(tmp_path, "cand.onnx", text.format(
+        "a = ArgMax<axis = 1, keepdims = 0>(x)  s = Add(a, flip)  ids = Mod(s, ten)"), ten=np.array(10, np.int64))
+    x = rng.standard_normal((1000, 10)).astype(np.float32)
+    flip = np.zeros(1000, np.int64)
+    flip[rng.choice(1000, 20, replace=False)] = 1  # 2 % of the ids differ
+    report = validate(ref, cand, data={"x": x, "flip": flip}, measure_speed=False)
+    ids = report.outputs["ids"]
+    assert ids.exact_values and ids.top1_agreement == pytest.approx(98.0)
+    assert ids.mean_cosine > 0.99  # what the old verdict judged by, and passed
+    names = {c.name: c for c in report.checks}
+    assert "ids: mean cosine >=" not in names and "p: mean cosine >=" in names
+    assert not names["ids: equal values % >="].passed and not report.passed
+    loose = validate(ref, cand, data={"x": x, "flip": flip}, measure_speed=False,
+                     tolerances=Tolerances(min_equal_values=97.5))
+    assert loose.passed
 
 
 def test_localize_takes_equal_infinities_as_exact(tmp_path: Path, rng: np.random.Generator) -> None:

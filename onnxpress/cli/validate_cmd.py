@@ -15,12 +15,14 @@ from onnxpress.runtime.validate import Tolerances, validate
 
 #: Flags that set a tolerance: (flag, Tolerances field, help).
 TOLERANCE_FLAGS = (
-    ("--min-cosine", "min_cosine", "every output's mean cosine must reach this (default 0.99)"),
-    ("--min-worst-cosine", "min_worst_cosine", "every output's minimum per-sample cosine must reach this"),
+    ("--min-cosine", "min_cosine", "every floating output's mean cosine must reach this (default 0.99)"),
+    ("--min-worst-cosine", "min_worst_cosine", "every floating output's minimum per-sample cosine must reach this"),
     ("--max-abs-error", "max_abs_error", "every output's maximum absolute error must stay within this"),
     ("--max-mean-abs-error", "max_mean_abs_error", "every output's mean absolute error must stay within this"),
     ("--max-rel-l2", "max_rel_l2", "every output's relative L2 error must stay within this"),
-    ("--min-top1-agreement", "min_top1_agreement", "percent of samples whose top-1 class agrees (equal values for integer outputs)"),
+    ("--min-top1-agreement", "min_top1_agreement", "percent of samples whose top-1 class agrees (class-score outputs)"),
+    ("--min-equal-values", "min_equal_values",
+     "integer and bool outputs: percent of values equal in both models (default 99; they take no cosine check)"),
     ("--max-accuracy-drop", "max_accuracy_drop", "accuracy drop in percentage points, with labels (default 1.0)"),
     ("--min-speedup", "min_speedup", "candidate/reference throughput must reach this"),
     ("--max-size-ratio", "max_size_ratio", "candidate/reference size on disk must stay within this"),
