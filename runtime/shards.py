@@ -615,7 +615,11 @@ class ShardWriter:
         try:
             self._wait()
             if self._manifest_stale:
-                self._write_manifest()
+                try:
+                    self._write_manifest()
+                except OSError as exc:  # a full disk, say: the manifest is only behind, which is safe
+                    logger.warning("%s: could not list the last shards written (%s); a resumed run computes "
+                                   "them again", self.folder / MANIFEST, exc)
         finally:
             if self._executor is not None:
                 # Once the last shard is written the idle thread exits on its own: no need to join it.

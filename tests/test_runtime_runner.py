@@ -543,3 +543,29 @@ def test_shard_writer_refuses_a_batch_with_other_outputs(tmp_path: Path) -> None
     shard = np.load(tmp_path / "out" / "part-00000.npz")
     np.testing.assert_array_equal(shard["y"], np.r_[np.zeros((2, 3)), np.ones((2, 3))])
     np.testing.assert_array_equal(shard["z"], [0, 0, 1, 1])
+
+
+def test_close_keeps_going_when_the_manifest_cannot_be_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping early (Ctrl-C, an error) lists the shards written since the last rewrite; when even
+    that fails (a full disk), the manifest is only behind, and the error being handled stays the one raised."""
+    import onnxpress.runtime.shards as shards_module
+    from onnxpress.runtime.shards import ShardWriter
+
+    monkeypatch.setattr(shards_module, "MANIFEST_SECONDS", 3600.0)
+    writer = ShardWriter.open(tmp_path / "out", fingerprint={}, resume=False, force=False, output_format="npz",
+                              batch_size=2, shard_rows=2, total_rows=8)
+    for _ in range(2):
+        writer.add({"y": np.zeros((2, 3), np.float32)})
+    writer._wait()
+
+    def full_disk(self: ShardWriter, *, sync: bool = True) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "_write_manifest", full_disk)
+    with caplog.at_level("WARNING", logger="onnxpress.runtime.shards"):
+        writer.close()
+    assert "could not list the last shards written" in caplog.text and "No space left" in caplog.text
+    assert read_manifest(tmp_path / "out")["shards"] == []
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == ["part-00000.npz", "part-00001.npz"]
