@@ -230,12 +230,12 @@ def write_npz(
 
 
 def _write_blocks(out: IO[bytes], blocks: Sequence[np.ndarray], gather: memoryview) -> None:
-    """Writes C-contiguous arrays' bytes back to back; those under half of ``gather`` are gathered there first."""
+    """Writes C-contiguous arrays' bytes back to back, in order; those under half of ``gather`` are gathered there first."""
     fill = 0
     for block in blocks:
         data = memoryview(block.reshape(-1).view(np.uint8))
         size = data.nbytes
-        if fill and fill + size > len(gather):
+        if fill and (fill + size > len(gather) or 2 * size > len(gather)):  # what is gathered goes first
             out.write(gather[:fill])
             fill = 0
         if 2 * size > len(gather):
