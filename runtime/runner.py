@@ -344,15 +344,14 @@ class BatchRunner:
         for name, dtype in self._input_dtypes:
             if feeds[name].dtype != dtype:
                 feeds[name] = feeds[name].astype(dtype)
-        rows = len(feeds[self._input_names[0]]) if self.fixed_batch is not None else 0
-        pad = rows < self.fixed_batch if self.fixed_batch is not None else False
+        rows = len(feeds[self._input_names[0]]) if self._input_names else 0
+        pad = self.fixed_batch is not None and rows < self.fixed_batch
         if pad:
             feeds = pad_rows(feeds, self.fixed_batch)
         try:
             outputs = self.session.run(self.output_names, feeds, self._run_options)
         except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidArgument...)
             message = " ".join(str(exc).split())
-            rows = len(next(iter(feeds.values()))) if feeds else 0
             raise InputError(f"onnxruntime cannot run the model on a batch of {rows} rows: {message}") from exc
         if pad:  # trims the outputs that have a row per padded sample; a scalar has none
             outputs = [o[:rows] if getattr(o, "ndim", 0) and len(o) == self.fixed_batch else o for o in outputs]
