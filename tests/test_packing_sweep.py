@@ -445,22 +445,32 @@ def external_packed(tmp_path: Path, rng: np.random.Generator) -> Path:
     return packed
 
 
+@pytest.mark.parametrize("where", ["initializer", "int attribute"])
 def test_graph_cannot_make_a_reader_open_a_file(
-    external_packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: str, external_packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression: a graph tensor with an external reference and no marker made
-    ``load_session`` read that file (relative to the working folder) into the model."""
+    ``load_session`` read that file (relative to the working folder) into the model. The
+    tensor is refused also where the walk that restores tensors does not look: set on an
+    int attribute, beside its int."""
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"SECRET!!")
     monkeypatch.chdir(tmp_path)
 
     def leak(doc: dict, graph: onnx.ModelProto) -> None:
-        tensor = graph.graph.initializer.add()
+        tensor = onnx.TensorProto()
         tensor.name, tensor.data_type, tensor.dims[:], tensor.raw_data = "leak", TP.UINT8, [8], bytes(8)
         set_external_data(tensor, "secret.bin", 0, 8)  # sets data_location too
         tensor.ClearField("raw_data")
-        graph.graph.node.add().CopyFrom(oh.make_node("Identity", ["leak"], ["leak_o"]))
-        graph.graph.output.add().CopyFrom(_vi("leak_o", [8], TP.UINT8))
+        if where == "initializer":
+            graph.graph.initializer.add().CopyFrom(tensor)
+            graph.graph.node.add().CopyFrom(oh.make_node("Identity", ["leak"], ["leak_o"]))
+            graph.graph.output.add().CopyFrom(_vi("leak_o", [8], TP.UINT8))
+        else:
+            node = graph.graph.node.add()
+            node.CopyFrom(oh.make_node("Flatten", [graph.graph.output[0].name], ["leak_o"], axis=0))
+            node.attribute[0].t.CopyFrom(tensor)
+            graph.graph.output.add().CopyFrom(_vi("leak_o", None))
 
     bad = _rewrite(external_packed, tmp_path / "leak.onnxz", leak)
     for read in _readers(bad, tmp_path):
@@ -744,3 +754,22 @@ def test_inline_tensor_with_stray_external_entries_still_reads(tmp_path: Path, r
     assert load_model_proto(packed) == model
     unpack(packed, tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx").read_bytes() == src.read_bytes()
+
+
+def test_tensor_walk_reads_each_attribute_through_its_type(rng: np.random.Generator) -> None:
+    """The walk finds a tensor in every kind of tensor attribute and in an untyped one, and
+    skips one set beside an int (onnxruntime reads an attribute by its type, as pack does)."""
+    from onnxpress.packing.format import iter_tensor_protos
+
+    tensors = [_f32(rng, f"t{i}", 2) for i in range(8)]
+    body = oh.make_graph([oh.make_node("Constant", [], ["c"], value=tensors[2])], "body", [], [_vi("c", [2])])
+    sparse = oh.make_sparse_tensor(tensors[4], onh.from_array(np.array([0, 1], np.int64), "i"), [4])
+    untyped = oh.make_attribute("u", tensors[5])
+    untyped.type = onnx.AttributeProto.UNDEFINED
+    smuggled = oh.make_attribute("n", 3)
+    smuggled.t.CopyFrom(tensors[6])
+    node = oh.make_node("Custom", [], ["y"], domain="x", t=tensors[0], ts=[tensors[1]], g=body, gs=[body],
+                        s=sparse)
+    node.attribute.extend([untyped, smuggled])
+    found = [t.name for t in iter_tensor_protos(node)]
+    assert found == ["t2", "t2", "t4", "i", "t0", "t1", "t5"]  # make_node sorts attributes by name

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -384,26 +383,79 @@ class _Checker:
 # walking TensorProtos and the markers
 
 
-def iter_tensor_protos(message: Any) -> Iterator[onnx.TensorProto]:
-    """Yields every TensorProto anywhere inside a protobuf message, in field order.
+def iter_tensor_protos(message: Any, *, every_field: bool = False) -> list[onnx.TensorProto]:
+    """Every TensorProto anywhere inside a protobuf message, in field order.
 
     Covers initializers, sparse initializers, tensor attributes, subgraphs, functions and
     training info without naming them: the message types are walked through the fields that
     can lead to a TensorProto (worked out once per type from the descriptors), so value
     infos, type protos and the like are skipped.
+
+    An attribute is read as ONNX defines it and onnxruntime reads it: through the one field
+    its ``type`` names (every field when the type is unset), so an int or string attribute
+    is not looked into. This is the walk that packing and every reader use, and it is cheap
+    enough to run before each session starts (looking at all six tensor fields of every
+    attribute cost 0.2 ms on the 9-node digits CNN, a tenth of its session start).
+    ``every_field`` looks into every field of every attribute instead: the check that a
+    graph refers to no file looks there too.
     """
+    found: list[onnx.TensorProto] = []
+    _collect(message, found, every_field)
+    return found
+
+
+def _collect(message: Any, found: list[onnx.TensorProto], every_field: bool) -> None:
+    if type(message) is onnx.AttributeProto and not every_field:
+        _collect_attribute(message, found)
+        return
     for name, repeated in _tensor_paths(message.DESCRIPTOR):
         if repeated:
             items = getattr(message, name)
+            if not items:  # far cheaper than iterating an empty repeated field
+                continue
         elif message.HasField(name):
             items = (getattr(message, name),)
         else:
             continue
         for item in items:
-            if isinstance(item, onnx.TensorProto):
-                yield item
+            if type(item) is onnx.TensorProto:
+                found.append(item)
+            elif type(item) is onnx.AttributeProto and not every_field:
+                _collect_attribute(item, found)
             else:
-                yield from iter_tensor_protos(item)
+                _collect(item, found, every_field)
+
+
+_A = onnx.AttributeProto
+#: Attribute types that hold no tensor.
+_PLAIN_ATTRIBUTES = frozenset(
+    (_A.INT, _A.INTS, _A.FLOAT, _A.FLOATS, _A.STRING, _A.STRINGS, _A.TYPE_PROTO, _A.TYPE_PROTOS)
+)
+
+
+def _collect_attribute(attribute: onnx.AttributeProto, found: list[onnx.TensorProto]) -> None:
+    kind = attribute.type
+    if kind in _PLAIN_ATTRIBUTES:
+        return
+    if kind == _A.TENSOR:
+        if attribute.HasField("t"):
+            found.append(attribute.t)
+    elif kind == _A.TENSORS:
+        found.extend(attribute.tensors)
+    elif kind == _A.GRAPH:
+        if attribute.HasField("g"):
+            _collect(attribute.g, found, False)
+    elif kind == _A.GRAPHS:
+        for graph in attribute.graphs:
+            _collect(graph, found, False)
+    elif kind == _A.SPARSE_TENSOR:
+        if attribute.HasField("sparse_tensor"):
+            _collect(attribute.sparse_tensor, found, False)
+    elif kind == _A.SPARSE_TENSORS:
+        for sparse in attribute.sparse_tensors:
+            _collect(sparse, found, False)
+    else:  # unset (or a type newer than this reader): look at every field
+        _collect(attribute, found, True)
 
 
 _PATHS: dict[str, tuple[tuple[str, bool], ...]] = {}

@@ -51,6 +51,7 @@ from onnxpress.packing import codecs
 from onnxpress.packing.format import (
     GRAPH_MEMBER,
     MANIFEST_MEMBER,
+    MARKER_KEY,
     SUFFIX,
     ZIP_MAGIC,
     Manifest,
@@ -279,12 +280,7 @@ class PackedModel:
             except ValueError as exc:
                 raise InputError(f"{self.path}: {exc}") from exc
             if index is None:
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    raise InputError(
-                        f"{self.path}: graph tensor '{tensor.name}' refers to external data "
-                        f"{external_info(tensor).get('location', '')!r} that the container does "
-                        "not hold; an .onnxz must carry every tensor itself"
-                    )
+                self._check_not_external(tensor)
                 continue
             if index >= len(manifest.tensors):
                 raise InputError(
@@ -312,7 +308,23 @@ class PackedModel:
                 f"{self.path}: manifest tensors not referenced exactly once by the graph: "
                 + ", ".join(f"'{m}'" for m in missing[:5])
             )
+        # A tensor can name a file only through a "location" entry; when the graph holds
+        # those bytes, look for one in every field of every attribute too (the walk above
+        # reads an attribute through its type, as onnxruntime does).
+        if b"location" in raw:
+            for tensor in iter_tensor_protos(proto, every_field=True):
+                if not (tensor.external_data and tensor.external_data[-1].key == MARKER_KEY):
+                    self._check_not_external(tensor)
         return proto
+
+    def _check_not_external(self, tensor: onnx.TensorProto) -> None:
+        """Refuses an unmarked tensor that refers to a file (the reader's, not the container's)."""
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise InputError(
+                f"{self.path}: graph tensor '{tensor.name}' refers to external data "
+                f"{external_info(tensor).get('location', '')!r} that the container does "
+                "not hold; an .onnxz must carry every tensor itself"
+            )
 
     def _decode_chunk(
         self, index: int, chunk_index: int, out: np.ndarray | None, *, verify: bool = True
