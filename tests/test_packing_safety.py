@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -124,6 +125,32 @@ def test_truncated_file_names_the_tensor_it_cuts(packed: Path, tmp_path: Path) -
     for read in _all_readers(bad, tmp_path):
         with pytest.raises(InputError, match=r"truncated inside tensor 'w2'"):
             read()
+
+
+def test_corrupt_manifest_byte_is_caught_by_its_crc(packed: Path, tmp_path: Path) -> None:
+    """A flipped digit in a size still parses as JSON; the ZIP CRC-32 is the manifest's check."""
+    start, end = _member_span(packed, "manifest.json")
+    data = bytearray(packed.read_bytes())
+    pos = data.index(b'"raw_size":', start) + len(b'"raw_size":')
+    data[pos] = ord("9") if data[pos] != ord("9") else ord("8")
+    bad = tmp_path / "manifest.onnxz"
+    bad.write_bytes(bytes(data))
+    for read in _all_readers(bad, tmp_path):
+        with pytest.raises(InputError, match=r"the manifest is corrupt \(member 'manifest.json': its CRC-32"):
+            read()
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_path_that_is_not_a_file_is_refused_without_waiting(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "x.onnxz"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this system")
+        os.mkfifo(path)  # opening it without O_NONBLOCK would wait for a writer forever
+    with pytest.raises(InputError, match="no such file"):
+        PackedModel(path)
 
 
 @pytest.mark.parametrize("keep", [0, 10, 100])

@@ -23,6 +23,7 @@ model saved with external data) must be a safe relative path (:func:`is_safe_loc
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,7 @@ def dtype_name(data_type: int) -> str:
     return onnx.TensorProto.DataType.Name(data_type)
 
 
+@functools.cache
 def dtype_bits(data_type: int) -> int | None:
     """Bits per element, or None for types without a fixed size (strings)."""
     try:
@@ -270,7 +272,12 @@ def _entry_json(entry: TensorEntry) -> dict[str, Any]:
 
 
 class _Checker:
-    """Type checks for manifest fields, with errors that name the field."""
+    """Type checks for manifest fields, with errors that name the field.
+
+    Each check takes the field's name in two parts, ``what`` and ``field``, joined only in
+    an error: a manifest is checked before every session starts, and formatting every
+    field's name up front cost more than the checks.
+    """
 
     def __init__(self, where: str) -> None:
         self.where = where
@@ -278,87 +285,85 @@ class _Checker:
     def fail(self, what: str, expected: str, value: object) -> InputError:
         return InputError(f"{self.where}: manifest field {what} must be {expected}, got {value!r}")
 
-    def is_dict(self, value: object, what: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(what, "an object", type(value).__name__)
+    def is_dict(self, value: object, what: str, field: str = "") -> dict[str, Any]:
+        if type(value) is not dict:
+            raise self.fail(what + field, "an object", type(value).__name__)
         return value
 
-    def is_list(self, value: object, what: str) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.fail(what, "a list", type(value).__name__)
+    def is_list(self, value: object, what: str, field: str = "") -> list[Any]:
+        if type(value) is not list:
+            raise self.fail(what + field, "a list", type(value).__name__)
         return value
 
-    def size(self, value: object, what: str) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise self.fail(what, "a non-negative integer", value)
+    def size(self, value: object, what: str, field: str = "") -> int:
+        if type(value) is not int or value < 0:  # bool is not int here
+            raise self.fail(what + field, "a non-negative integer", value)
         return value
 
-    def sha(self, value: object, what: str) -> str:
-        if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
-            raise self.fail(what, "64 lower-case hex digits", value)
+    def sha(self, value: object, what: str, field: str = "") -> str:
+        if type(value) is not str or not _SHA_RE.fullmatch(value):
+            raise self.fail(what + field, "64 lower-case hex digits", value)
         return value
 
-    def text(self, value: object, what: str) -> str:
-        if not isinstance(value, str):
-            raise self.fail(what, "a string", value)
+    def text(self, value: object, what: str, field: str = "") -> str:
+        if type(value) is not str:
+            raise self.fail(what + field, "a string", value)
         return value
 
     def tensor(self, item: object, i: int, locations: dict[str, int]) -> TensorEntry:
-        what = f"tensors[{i}]"
-        item = self.is_dict(item, what)
-        name = self.text(item.get("name", ""), what + ".name")
+        item = self.is_dict(item, f"tensors[{i}]")
+        name = self.text(item.get("name", ""), f"tensors[{i}]", ".name")
         what = f"tensors[{i}] ('{name}')"
-        dtype = self.text(item.get("dtype"), what + ".dtype")
-        try:
-            data_type = onnx.TensorProto.DataType.Value(dtype)
-        except ValueError as exc:
-            raise self.fail(what + ".dtype", "an ONNX data type name", dtype) from exc
-        shape = self.is_list(item.get("shape"), what + ".shape")
+        dtype = self.text(item.get("dtype"), what, ".dtype")
+        data_type = _DATA_TYPES.get(dtype)
+        if data_type is None:
+            raise self.fail(what + ".dtype", "an ONNX data type name", dtype)
+        shape = self.is_list(item.get("shape"), what, ".shape")
         for dim in shape:
-            self.size(dim, what + ".shape")
-        raw_size = self.size(item.get("raw_size"), what + ".raw_size")
+            self.size(dim, what, ".shape")
+        raw_size = self.size(item.get("raw_size"), what, ".raw_size")
         expected = expected_raw_size(data_type, shape)
         if expected is None or expected != raw_size:
             raise InputError(
                 f"{self.where}: tensor '{name}' declares {raw_size} raw bytes, but {dtype} "
                 f"{shape} holds {expected}"
             )
-        member = self.text(item.get("member"), what + ".member")
+        member = self.text(item.get("member"), what, ".member")
         if not _MEMBER_RE.match(member):
             raise self.fail(what + ".member", "a member name like t/000001.bin", member)
-        coded_size = self.size(item.get("coded_size"), what + ".coded_size")
+        coded_size = self.size(item.get("coded_size"), what, ".coded_size")
         chunks = []
-        for j, chunk in enumerate(self.is_list(item.get("chunks"), what + ".chunks")):
+        for j, chunk in enumerate(self.is_list(item.get("chunks"), what, ".chunks")):
             where = f"{what}.chunks[{j}]"
             chunk = self.is_dict(chunk, where)
-            params = self.is_dict(chunk.get("params", {}), where + ".params")
+            params = self.is_dict(chunk.get("params", {}), where, ".params")
             for key, value in params.items():
-                self.size(value, f"{where}.params.{key}")
+                self.size(value, where, f".params.{key}")
             chunks.append(Chunk(
-                codec=self.text(chunk.get("codec"), where + ".codec"),
+                codec=self.text(chunk.get("codec"), where, ".codec"),
                 params=dict(params),
-                raw_size=self.size(chunk.get("raw_size"), where + ".raw_size"),
-                coded_size=self.size(chunk.get("coded_size"), where + ".coded_size"),
-                sha256=self.sha(chunk.get("sha256"), where + ".sha256"),
+                raw_size=self.size(chunk.get("raw_size"), where, ".raw_size"),
+                coded_size=self.size(chunk.get("coded_size"), where, ".coded_size"),
+                sha256=self.sha(chunk.get("sha256"), where, ".sha256"),
             ))
         if sum(c.raw_size for c in chunks) != raw_size or sum(c.coded_size for c in chunks) != coded_size:
             raise InputError(
                 f"{self.where}: tensor '{name}': its chunks do not add up to its raw_size "
                 f"{raw_size} and coded_size {coded_size}"
             )
-        tensor_sha = self.sha(item.get("sha256"), what + ".sha256")
+        tensor_sha = self.sha(item.get("sha256"), what, ".sha256")
         if len(chunks) == 1 and chunks[0].sha256 != tensor_sha:
             raise InputError(f"{self.where}: tensor '{name}': its one chunk's sha256 differs from its own")
         external = None
         if item.get("external") is not None:
-            ext = self.is_dict(item["external"], what + ".external")
-            location = self.text(ext.get("location"), what + ".external.location")
+            ext = self.is_dict(item["external"], what, ".external")
+            location = self.text(ext.get("location"), what, ".external.location")
             if location not in locations:
                 raise self.fail(what + ".external.location", "one of source.external_files", location)
             external = ExternalRef(
                 location,
-                self.size(ext.get("offset"), what + ".external.offset"),
-                self.size(ext.get("length"), what + ".external.length"),
+                self.size(ext.get("offset"), what, ".external.offset"),
+                self.size(ext.get("length"), what, ".external.length"),
             )
             if external.length != raw_size or external.offset + external.length > locations[location]:
                 raise InputError(
@@ -377,6 +382,11 @@ class _Checker:
             chunks=chunks,
             external=external,
         )
+
+
+#: ONNX data type names (``FLOAT``, ``INT4``, ...) and their ``TensorProto.DataType`` values.
+_DATA_TYPES: dict[str, int] = dict(onnx.TensorProto.DataType.items())
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from onnxpress.packing.format import (
     temp_prefix,
     tensor_member,
 )
-from onnxpress.packing.parallel import bounded_map
+from onnxpress.packing.parallel import bounded_map, worker_count
 
 logger = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ def _code_all(
     Returns:
         The manifest entries, and per member the spool spans of its chunks, in order.
     """
-    workers = max(1, threads or os.cpu_count() or 1)
+    workers = worker_count(threads)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         digests = list(pool.map(lambda c: hashlib.sha256(c.data).hexdigest(), candidates))
         first: dict[tuple[str, int], int] = {}

@@ -27,6 +27,7 @@ import hashlib
 import logging
 import mmap
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -34,6 +35,7 @@ import threading
 import time
 import weakref
 import zipfile
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,6 +99,10 @@ def is_packed(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 class PackedModel:
     """An open ``.onnxz`` container whose manifest has been checked against the limits.
 
@@ -106,21 +112,33 @@ class PackedModel:
     def __init__(self, path: str | os.PathLike[str], limits: Limits | None = None) -> None:
         self.path = Path(path)
         self.limits = limits or DEFAULT_LIMITS
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such file")
-        self.file_size = self.path.stat().st_size
-        if self.file_size == 0:
-            raise InputError(f"{self.path}: the file is empty, expected an .onnxz container")
         try:
-            self.zip = zipfile.ZipFile(self.path, **_UTF8_NAMES)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise InputError(_diagnose_broken_zip(self.path, exc)) from exc
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{self.path}: a ZIP member name is not ASCII or UTF-8 ({exc}); not an .onnxz") from exc
-        self._lock = threading.Lock()
-        self._spans: dict[str, tuple[int, int]] = {}
-        self._handle = open(self.path, "rb")  # noqa: SIM115 - closed in close()
-        self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+            self._handle = open(self.path, "rb", opener=_open_nonblocking)  # noqa: SIM115 - closed in close()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise InputError(f"{self.path}: no such file") from None
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read the file: {exc}") from exc
+        try:
+            status = os.fstat(self._handle.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise InputError(f"{self.path}: no such file")
+            self.file_size = status.st_size
+            if self.file_size == 0:
+                raise InputError(f"{self.path}: the file is empty, expected an .onnxz container")
+            try:  # reads the ZIP directory through the one open file
+                self.zip = zipfile.ZipFile(self._handle, **_UTF8_NAMES)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise InputError(_diagnose_broken_zip(self.path, exc)) from exc
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{self.path}: a ZIP member name is not ASCII or UTF-8 ({exc}); not an .onnxz"
+                ) from exc
+            self._spans: dict[str, tuple[int, int]] = {}
+            self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self._handle.close()
+            raise
         try:
             self.manifest = self._read_manifest()
             self._check_members()
@@ -252,20 +270,25 @@ class PackedModel:
     # -- decoding -------------------------------------------------------------------------
 
     def _read(self, name: str, what: str) -> bytes:
+        """A member's stored bytes, checked against the ZIP directory's CRC-32."""
+        view = self._member_view(name, what)
         try:
-            with self._lock:
-                return self.zip.read(name)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise InputError(f"{self.path}: {what} is corrupt or truncated (member '{name}'): {exc}") from exc
+            if zlib.crc32(view) != self.zip.getinfo(name).CRC:
+                raise InputError(f"{self.path}: {what} is corrupt (member '{name}': its CRC-32 does not match)")
+            return bytes(view)
+        finally:
+            view.release()
 
     def graph_proto(self) -> onnx.ModelProto:
         """The stripped ModelProto, sha-checked, with every marker checked against the manifest."""
         manifest = self.manifest
-        coded = self._read(GRAPH_MEMBER, "the graph")
+        coded = self._member_view(GRAPH_MEMBER, "the graph")  # its sha256 is checked below
         try:
             raw = codecs.decode_frame(coded, manifest.graph_raw_size)
         except codecs.CodecError as exc:
             raise InputError(f"{self.path}: the graph member is corrupt: {exc}") from exc
+        finally:
+            coded.release()
         if hashlib.sha256(raw).hexdigest() != manifest.graph_sha256:
             raise InputError(f"{self.path}: the graph's sha256 does not match the manifest (corrupt file)")
         proto = onnx.ModelProto()
@@ -459,7 +482,7 @@ class PackedModel:
         tensors = self.manifest.tensors
         first = {member: users[0] for member, users in self.streams.items()}
         unique = list(first.values())
-        workers = max(1, threads or os.cpu_count() or 1)
+        workers = worker_count(threads)
         decoded: dict[int, bytes | np.ndarray] = {}
         if workers == 1 or sum(tensors[i].raw_size for i in unique) < SERIAL_DECODE_BYTES:
             for done, index in enumerate(unique, start=1):  # starting threads would cost more
@@ -631,12 +654,14 @@ def packed_session(
 
     In memory, the tensors' sha256 digests are checked on the decoding pool, on every core
     but one, while onnxruntime builds its session on about one core (hashing runs at about
-    the speed of decoding, so checking first would add its whole time to the start); the session is returned only once every
-    digest matches, and a mismatch raises :class:`InputError` naming the tensor. The graph
+    the speed of decoding, so checking first would add its whole time to the start); the
+    session is returned only once every digest matches, and a mismatch raises :class:`InputError` naming the tensor. The graph
     itself is checked before onnxruntime sees it, and every size was checked before decoding,
     so unchecked tensor bytes can only be wrong values, never a malformed model. Below
-    ``SERIAL_DECODE_BYTES`` of tensors everything runs on the calling thread, digests checked
-    as the tensors decode: starting and feeding threads would cost more than the decoding.
+    ``SERIAL_DECODE_BYTES`` of tensors the graph and the tensors decode on the calling thread
+    (starting and feeding threads would cost more than the decoding) and the digests are
+    checked on one thread of the shared pool while onnxruntime builds (with an explicit
+    ``threads``, which has no shared pool, as the tensors decode).
     """
     if options in _OPTIONS_WITH_INITIALIZERS:
         raise ValueError(
@@ -665,18 +690,23 @@ def packed_session(
             return ort.InferenceSession(str(model_path), options, providers=providers)
         if packed.total_raw_bytes < SERIAL_DECODE_BYTES:  # threads would cost more than they save
             proto = packed.graph_proto()
-            data = packed.decode_all(threads, as_bytes=False, verify=True)
-            ort_ready()
-            return _session_from_decoded(proto, data, options, providers)
-        # The graph is decoded and checked on another thread while the tensors decode.
-        with ThreadPoolExecutor(max_workers=1) as side:
-            graph = side.submit(packed.graph_proto)
+            if threads is not None:  # no shared pool to check the digests on
+                data = packed.decode_all(threads, as_bytes=False, verify=True)
+                ort_ready()
+                return _session_from_decoded(proto, data, options, providers)
             data = packed.decode_all(threads, as_bytes=False, verify=False)
-            proto = graph.result()
-        # onnxruntime builds a session on about one core: the check takes the others (at least
-        # one); spread over every core it slowed the build by as much as it hashed in parallel
-        check_tasks = max(1, worker_count(threads) - 1)
-        checks = packed.check_digests(data, stack.enter_context(decoding_pool(threads)), check_tasks)
+            checks = packed.check_digests(data, stack.enter_context(decoding_pool(None)), 1)
+        else:
+            # The graph is decoded and checked on another thread while the tensors decode.
+            with ThreadPoolExecutor(max_workers=1) as side:
+                graph = side.submit(packed.graph_proto)
+                data = packed.decode_all(threads, as_bytes=False, verify=False)
+                proto = graph.result()
+            # onnxruntime builds a session on about one core: the check takes the others (at
+            # least one); spread over every core it slowed the build by as much as it hashed
+            # in parallel
+            check_tasks = max(1, worker_count(threads) - 1)
+            checks = packed.check_digests(data, stack.enter_context(decoding_pool(threads)), check_tasks)
         ort_ready()
         try:
             session = _session_from_decoded(proto, data, options, providers)
@@ -744,7 +774,7 @@ def _stream_to_external(
         offset += -(-tensors[users[0]].raw_size // 4096) * 4096
     with open(data_path, "wb") as handle:
         handle.truncate(offset)
-        workers = max(1, threads or os.cpu_count() or 1)
+        workers = worker_count(threads)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             indices = [users[0] for users in packed.streams.values()]
             for index, raw in zip(indices, bounded_map(pool, packed.tensor_bytes, indices, 2 * workers), strict=True):
@@ -911,7 +941,7 @@ def _write_tensors(
     inline, is returned (identical tensors share one ``bytes``)."""
     tensors = packed.manifest.tensors
     inline: list[bytes] = [b""] * len(tensors)
-    workers = max(1, threads or os.cpu_count() or 1)
+    workers = worker_count(threads)
     done = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         streams = list(packed.streams.values())
