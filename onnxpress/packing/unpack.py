@@ -89,7 +89,7 @@ _UTF8_NAMES: dict[str, str] = {"metadata_encoding": "utf-8"} if sys.version_info
 
 def is_packed(path: str | os.PathLike[str]) -> bool:
     """True when ``path`` is an ``.onnxz`` container (by suffix or by the ZIP magic)."""
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     if path.suffix.lower() == SUFFIX:
         return True
     try:
@@ -110,7 +110,7 @@ class PackedModel:
     """
 
     def __init__(self, path: str | os.PathLike[str], limits: Limits | None = None) -> None:
-        self.path = Path(path)
+        self.path = path if isinstance(path, Path) else Path(path)
         self.limits = limits or DEFAULT_LIMITS
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
