@@ -212,8 +212,11 @@ class PackedModel:
                 f"says {self.manifest.graph_coded_size}"
             )
         by_member: dict[str, TensorEntry] = {}
+        infos = self.zip.NameToInfo
         for entry in self.manifest.tensors:
-            info = self._info(entry.member, f"the stream of tensor '{entry.name}'")
+            info = infos.get(entry.member)
+            if info is None or info.compress_type != zipfile.ZIP_STORED:  # the error names the tensor
+                info = self._info(entry.member, f"the stream of tensor '{entry.name}'")
             if info.file_size != entry.coded_size:
                 raise InputError(
                     f"{self.path}: tensor '{entry.name}': member '{entry.member}' holds "
@@ -262,7 +265,7 @@ class PackedModel:
             users.setdefault(entry.member, []).append(index)
         return users
 
-    @property
+    @functools.cached_property
     def total_raw_bytes(self) -> int:
         """Decoded bytes of every tensor (a tensor stored once but used twice counts twice)."""
         return sum(entry.raw_size for entry in self.manifest.tensors)
@@ -358,11 +361,13 @@ class PackedModel:
         with :meth:`check_digests` before trusting the bytes.
         """
         entry = self.manifest.tensors[index]
-        what = f"tensor '{entry.name}'"
         chunk = entry.chunks[chunk_index]
-        coded_start = sum(c.coded_size for c in entry.chunks[:chunk_index])
-        view = self._member_view(entry.member, what)
-        raw_start = sum(c.raw_size for c in entry.chunks[:chunk_index])
+        view = self._member_view(entry.member, f"tensor '{entry.name}'")
+        if chunk_index:
+            coded_start = sum(c.coded_size for c in entry.chunks[:chunk_index])
+            raw_start = sum(c.raw_size for c in entry.chunks[:chunk_index])
+        else:
+            coded_start = raw_start = 0
         target = None if out is None else out[raw_start : raw_start + chunk.raw_size]
         try:
             coded = view[coded_start : coded_start + chunk.coded_size]
@@ -374,7 +379,7 @@ class PackedModel:
         except codecs.CodecError as exc:
             where = f", chunk {chunk_index}" if len(entry.chunks) > 1 else ""
             raise InputError(
-                f"{self.path}: {what} (member '{entry.member}'{where}) is corrupt: {exc}"
+                f"{self.path}: tensor '{entry.name}' (member '{entry.member}'{where}) is corrupt: {exc}"
             ) from exc
         finally:
             view.release()
