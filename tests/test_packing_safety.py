@@ -132,6 +132,7 @@ def test_corrupt_manifest_byte_is_caught_by_its_crc(packed: Path, tmp_path: Path
     start, end = _member_span(packed, "manifest.json")
     data = bytearray(packed.read_bytes())
     pos = data.index(b'"raw_size":', start) + len(b'"raw_size":')
+    assert pos < end  # a digit of the manifest's own bytes
     data[pos] = ord("9") if data[pos] != ord("9") else ord("8")
     bad = tmp_path / "manifest.onnxz"
     bad.write_bytes(bytes(data))
