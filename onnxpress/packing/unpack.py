@@ -135,6 +135,8 @@ class PackedModel:
                     f"{self.path}: a ZIP member name is not ASCII or UTF-8 ({exc}); not an .onnxz"
                 ) from exc
             self._spans: dict[str, tuple[int, int]] = {}
+            self._closed = False
+            self._close_lock = threading.Lock()
             self._map = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
         except BaseException:
             self._handle.close()
@@ -154,6 +156,11 @@ class PackedModel:
         self.close()
 
     def close(self) -> None:
+        """Closes the container; safe to call again, and from another thread."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         self.zip.close()
         with contextlib.suppress(BufferError):  # a caller still holds a view: GC closes it
             self._map.close()
@@ -703,7 +710,8 @@ def packed_session(
                 ort_ready()
                 return _session_from_decoded(proto, data, options, providers)
             data = packed.decode_all(threads, as_bytes=False, verify=False)
-            checks = packed.check_digests(data, stack.enter_context(decoding_pool(None)), 1)
+            pool = stack.enter_context(decoding_pool(None))
+            checks = packed.check_digests(data, pool, 1)
         else:
             # The graph is decoded and checked on another thread while the tensors decode.
             with ThreadPoolExecutor(max_workers=1) as side:
@@ -714,7 +722,11 @@ def packed_session(
             # least one); spread over every core it slowed the build by as much as it hashed
             # in parallel
             check_tasks = max(1, worker_count(threads) - 1)
-            checks = packed.check_digests(data, stack.enter_context(decoding_pool(threads)), check_tasks)
+            pool = stack.enter_context(decoding_pool(threads))
+            checks = packed.check_digests(data, pool, check_tasks)
+        # Everything is read: unmapping the container (1.5 ms for MiniLM int8's 19 MB, 3 ms
+        # for fp32's 71 MB) overlaps the session build instead of following it.
+        pool.submit(packed.close)
         ort_ready()
         try:
             session = _session_from_decoded(proto, data, options, providers)
