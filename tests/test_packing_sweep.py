@@ -773,3 +773,27 @@ def test_tensor_walk_reads_each_attribute_through_its_type(rng: np.random.Genera
     node.attribute.extend([untyped, smuggled])
     found = [t.name for t in iter_tensor_protos(node)]
     assert found == ["t2", "t2", "t4", "i", "t0", "t1", "t5"]  # make_node sorts attributes by name
+
+
+def test_a_marker_copied_into_a_node_attribute_is_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    """The graph check looks past the initializers when the marker bytes occur more often
+    than the initializers' markers: a second reference, in a Constant, is refused."""
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["y"])], "g", [_vi("x", [4, 64])], [_vi("y", [4, 64])],
+        [_f32(rng, "w", 64, 64)],
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=OPSET), src)
+    packed = tmp_path / "m.onnxz"
+    pack(src, packed)
+
+    def copy_marker(doc: dict, graph: onnx.ModelProto) -> None:
+        stolen = onnx.TensorProto()
+        stolen.CopyFrom(graph.graph.initializer[0])
+        graph.graph.node.add().CopyFrom(oh.make_node("Constant", [], ["c"], value=stolen))
+        graph.graph.output.add().CopyFrom(_vi("c", [64, 64]))
+
+    bad = _rewrite(packed, tmp_path / "twice.onnxz", copy_marker)
+    for read in _readers(bad, tmp_path):
+        with pytest.raises(InputError, match="not referenced exactly once.*'w'"):
+            read()
