@@ -292,3 +292,29 @@ def test_default_domain_spelled_ai_onnx_loads(tmp_path: Path, rng) -> None:
     onnx.checker.check_model(out)
     feeds = {"x": rng.standard_normal(3).astype(np.float32)}
     assert_bit_identical(run_ort(proto, feeds), run_ort(out, feeds))
+
+
+def test_external_data_files_are_found_and_inline_models_are_not_parsed(
+    tmp_path: Path, rng, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxpress import model_io
+
+    model = onnx.parser.parse_model("""
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[4, 64] x) => (float[4, 64] y) { y = MatMul(x, w) }
+    """)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w"))
+    inline = tmp_path / "inline.onnx"
+    onnx.save(model, inline)
+    external = tmp_path / "ext" / "m.onnx"
+    external.parent.mkdir()
+    onnx.save(model, external, save_as_external_data=True, location="w.bin", size_threshold=0)  # edits model
+    assert model_io.external_data_files(external) == ["w.bin"]
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert model_io.external_data_files(empty) == []
+
+    parsed: list[object] = []
+    monkeypatch.setattr(model_io.onnx, "load", lambda *args, **kwargs: parsed.append(args))
+    assert model_io.external_data_files(inline) == []
+    assert parsed == []  # no bytes 'location' in the file: nothing to parse
