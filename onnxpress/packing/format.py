@@ -441,31 +441,36 @@ _A = onnx.AttributeProto
 _PLAIN_ATTRIBUTES = frozenset(
     (_A.INT, _A.INTS, _A.FLOAT, _A.FLOATS, _A.STRING, _A.STRINGS, _A.TYPE_PROTO, _A.TYPE_PROTOS)
 )
+#: The field each tensor-holding attribute type keeps its value in, and whether it repeats.
+_ATTRIBUTE_FIELDS: dict[int, tuple[str, bool]] = {
+    _A.TENSOR: ("t", False),
+    _A.TENSORS: ("tensors", True),
+    _A.GRAPH: ("g", False),
+    _A.GRAPHS: ("graphs", True),
+    _A.SPARSE_TENSOR: ("sparse_tensor", False),
+    _A.SPARSE_TENSORS: ("sparse_tensors", True),
+}
 
 
 def _collect_attribute(attribute: onnx.AttributeProto, found: list[onnx.TensorProto]) -> None:
     kind = attribute.type
     if kind in _PLAIN_ATTRIBUTES:
         return
-    if kind == _A.TENSOR:
-        if attribute.HasField("t"):
-            found.append(attribute.t)
-    elif kind == _A.TENSORS:
-        found.extend(attribute.tensors)
-    elif kind == _A.GRAPH:
-        if attribute.HasField("g"):
-            _collect(attribute.g, found, False)
-    elif kind == _A.GRAPHS:
-        for graph in attribute.graphs:
-            _collect(graph, found, False)
-    elif kind == _A.SPARSE_TENSOR:
-        if attribute.HasField("sparse_tensor"):
-            _collect(attribute.sparse_tensor, found, False)
-    elif kind == _A.SPARSE_TENSORS:
-        for sparse in attribute.sparse_tensors:
-            _collect(sparse, found, False)
-    else:  # unset (or a type newer than this reader): look at every field
+    if kind not in _ATTRIBUTE_FIELDS:  # unset (or a type newer than this reader): every field
         _collect(attribute, found, True)
+        return
+    name, repeated = _ATTRIBUTE_FIELDS[kind]
+    if repeated:
+        items = getattr(attribute, name)
+    elif attribute.HasField(name):
+        items = (getattr(attribute, name),)
+    else:
+        return
+    for item in items:
+        if type(item) is onnx.TensorProto:
+            found.append(item)
+        else:
+            _collect(item, found, False)
 
 
 _PATHS: dict[str, tuple[tuple[str, bool], ...]] = {}
@@ -503,9 +508,14 @@ def _tensor_paths(descriptor: Any) -> tuple[tuple[str, bool], ...]:
     return _PATHS[descriptor.full_name]
 
 
+def has_marker(tensor: onnx.TensorProto) -> bool:
+    """True when a tensor's last ``external_data`` entry is a marker (its index unchecked)."""
+    return bool(tensor.external_data) and tensor.external_data[-1].key == MARKER_KEY
+
+
 def marker_index(tensor: onnx.TensorProto) -> int | None:
     """The manifest index a stripped tensor points at, or None for an ordinary tensor."""
-    if tensor.external_data and tensor.external_data[-1].key == MARKER_KEY:
+    if has_marker(tensor):
         value = tensor.external_data[-1].value
         if value.isdigit():
             return int(value)

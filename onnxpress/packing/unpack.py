@@ -53,13 +53,13 @@ from onnxpress.packing import codecs
 from onnxpress.packing.format import (
     GRAPH_MEMBER,
     MANIFEST_MEMBER,
-    MARKER_KEY,
     SUFFIX,
     ZIP_MAGIC,
     Manifest,
     TensorEntry,
     dtype_name,
     external_info,
+    has_marker,
     is_safe_location,
     iter_tensor_protos,
     marker_index,
@@ -219,11 +219,8 @@ class PackedModel:
                 f"says {self.manifest.graph_coded_size}"
             )
         by_member: dict[str, TensorEntry] = {}
-        infos = self.zip.NameToInfo
         for entry in self.manifest.tensors:
-            info = infos.get(entry.member)
-            if info is None or info.compress_type != zipfile.ZIP_STORED:  # the error names the tensor
-                info = self._info(entry.member, f"the stream of tensor '{entry.name}'")
+            info = self._info(entry.member, f"the stream of tensor '{entry.name}'")
             if info.file_size != entry.coded_size:
                 raise InputError(
                     f"{self.path}: tensor '{entry.name}': member '{entry.member}' holds "
@@ -346,7 +343,7 @@ class PackedModel:
         # reads an attribute through its type, as onnxruntime does).
         if b"location" in raw:
             for tensor in iter_tensor_protos(proto, every_field=True):
-                if not (tensor.external_data and tensor.external_data[-1].key == MARKER_KEY):
+                if not has_marker(tensor):
                     self._check_not_external(tensor)
         return proto
 
@@ -370,11 +367,8 @@ class PackedModel:
         entry = self.manifest.tensors[index]
         chunk = entry.chunks[chunk_index]
         view = self._member_view(entry.member, f"tensor '{entry.name}'")
-        if chunk_index:
-            coded_start = sum(c.coded_size for c in entry.chunks[:chunk_index])
-            raw_start = sum(c.raw_size for c in entry.chunks[:chunk_index])
-        else:
-            coded_start = raw_start = 0
+        coded_start = sum(c.coded_size for c in entry.chunks[:chunk_index])
+        raw_start = sum(c.raw_size for c in entry.chunks[:chunk_index])
         target = None if out is None else out[raw_start : raw_start + chunk.raw_size]
         try:
             coded = view[coded_start : coded_start + chunk.coded_size]
@@ -667,9 +661,10 @@ def packed_session(
     In memory, the tensors' sha256 digests are checked on the decoding pool, on every core
     but one, while onnxruntime builds its session on about one core (hashing runs at about
     the speed of decoding, so checking first would add its whole time to the start); the
-    session is returned only once every digest matches, and a mismatch raises :class:`InputError` naming the tensor. The graph
-    itself is checked before onnxruntime sees it, and every size was checked before decoding,
-    so unchecked tensor bytes can only be wrong values, never a malformed model. Below
+    session is returned only once every digest matches, and a mismatch raises
+    :class:`InputError` naming the tensor. The graph itself is checked before onnxruntime
+    sees it, and every size was checked before decoding, so unchecked tensor bytes can only
+    be wrong values, never a malformed model. Below
     ``SERIAL_DECODE_BYTES`` of tensors the graph and the tensors decode on the calling thread
     (starting and feeding threads would cost more than the decoding) and the digests are
     checked on one thread of the shared pool while onnxruntime builds (as the tensors decode
