@@ -53,9 +53,7 @@ def load_session(
             onnxruntime cannot load the model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such model file")
-    if is_packed(path):
+    if is_packed(path):  # a missing or unreadable .onnxz is reported by the reader
         try:
             return packed_session(
                 path, session_options(threads, spinning=spinning), ["CPUExecutionProvider"], limits=limits
@@ -64,6 +62,8 @@ def load_session(
             raise
         except Exception as exc:  # onnxruntime raises its own exception types
             raise InputError(f"{path}: onnxruntime cannot load the packed model: {exc}") from exc
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
     try:
         return ort.InferenceSession(
             str(path), session_options(threads, spinning=spinning), providers=["CPUExecutionProvider"]

@@ -664,11 +664,9 @@ def packed_session(
     session is returned only once every digest matches, and a mismatch raises
     :class:`InputError` naming the tensor. The graph itself is checked before onnxruntime
     sees it, and every size was checked before decoding, so unchecked tensor bytes can only
-    be wrong values, never a malformed model. Below
-    ``SERIAL_DECODE_BYTES`` of tensors the graph and the tensors decode on the calling thread
-    (starting and feeding threads would cost more than the decoding) and the digests are
-    checked on one thread of the shared pool while onnxruntime builds (as the tensors decode
-    with an explicit ``threads``, and in the first session of a process).
+    be wrong values, never a malformed model. Below ``SERIAL_DECODE_BYTES`` of tensors
+    everything runs on the calling thread, each digest checked as its tensor decodes
+    (starting and feeding threads would cost more than the work).
     """
     if options in _OPTIONS_WITH_INITIALIZERS:
         raise ValueError(
@@ -695,30 +693,26 @@ def packed_session(
             logger.info("Streamed %s to external data in %s", path, tmp)
             ort_ready()
             return ort.InferenceSession(str(model_path), options, providers=providers)
-        if packed.total_raw_bytes < SERIAL_DECODE_BYTES:  # threads would cost more than they save
+        if packed.total_raw_bytes < SERIAL_DECODE_BYTES:
+            # All on the calling thread, each digest checked as its tensor decodes: a pool
+            # thread cannot start hashing while onnxruntime builds (the build holds the
+            # GIL), and handing it the work cost 0.3-1 ms against 0.1 ms of hashing.
             proto = packed.graph_proto()
-            # Checked as they decode with an explicit ``threads`` (no shared pool) and in a
-            # process's first session: starting the pool's thread while onnxruntime sets
-            # itself up on the side thread took 0.5-5 ms, against 0.1 ms of hashing.
-            if threads is not None or warm_up is not None:
-                data = packed.decode_all(threads, as_bytes=False, verify=True)
-                ort_ready()
-                return _session_from_decoded(proto, data, options, providers)
+            data = packed.decode_all(threads, as_bytes=False, verify=True)
+            packed.close()
+            ort_ready()
+            return _session_from_decoded(proto, data, options, providers)
+        # The graph is decoded and checked on another thread while the tensors decode.
+        with ThreadPoolExecutor(max_workers=1) as side:
+            graph = side.submit(packed.graph_proto)
             data = packed.decode_all(threads, as_bytes=False, verify=False)
-            pool = stack.enter_context(decoding_pool(None))
-            checks = packed.check_digests(data, pool, 1)
-        else:
-            # The graph is decoded and checked on another thread while the tensors decode.
-            with ThreadPoolExecutor(max_workers=1) as side:
-                graph = side.submit(packed.graph_proto)
-                data = packed.decode_all(threads, as_bytes=False, verify=False)
-                proto = graph.result()
-            # onnxruntime builds a session on about one core: the check takes the others (at
-            # least one); spread over every core it slowed the build by as much as it hashed
-            # in parallel
-            check_tasks = max(1, worker_count(threads) - 1)
-            pool = stack.enter_context(decoding_pool(threads))
-            checks = packed.check_digests(data, pool, check_tasks)
+            proto = graph.result()
+        # onnxruntime builds a session on about one core: the check takes the others (at
+        # least one); spread over every core it slowed the build by as much as it hashed
+        # in parallel
+        check_tasks = max(1, worker_count(threads) - 1)
+        pool = stack.enter_context(decoding_pool(threads))
+        checks = packed.check_digests(data, pool, check_tasks)
         # Everything is read: unmapping the container (1.5 ms for MiniLM int8's 19 MB, 3 ms
         # for fp32's 71 MB) overlaps the session build instead of following it.
         pool.submit(packed.close)
