@@ -2,16 +2,32 @@
 
 ``from_torch``, ``from_keras`` and ``from_tf`` return a
 :class:`~onnxpress.converters.result.ConversionResult` that unpacks as
-``model, fidelity = from_torch(...)``. Frameworks are imported only when a converter runs.
+``model, fidelity = from_torch(...)``. Frameworks are imported only when a converter runs,
+and the other names on first use (PEP 562).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from onnxpress.converters.fidelity import FidelityRecord, OutputFidelity, check_fidelity
-from onnxpress.converters.result import ConversionError, ConversionResult
-from onnxpress.converters.specs import InputSpec, parse_inputs
+from onnxpress.lazy import exports
+
+if TYPE_CHECKING:
+    from onnxpress.converters.fidelity import FidelityRecord, OutputFidelity, check_fidelity
+    from onnxpress.converters.result import ConversionError, ConversionResult
+    from onnxpress.converters.specs import InputSpec, parse_inputs
+
+#: Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    "ConversionError": "onnxpress.converters.result",
+    "ConversionResult": "onnxpress.converters.result",
+    "FidelityRecord": "onnxpress.converters.fidelity",
+    "InputSpec": "onnxpress.converters.specs",
+    "OutputFidelity": "onnxpress.converters.fidelity",
+    "check_fidelity": "onnxpress.converters.fidelity",
+    "parse_inputs": "onnxpress.converters.specs",
+}
+__getattr__, __dir__ = exports(__name__, _EXPORTS)
 
 __all__ = [
     "ConversionError",

@@ -1,18 +1,23 @@
-"""Human tables and JSON reports of a compress run."""
+"""Human tables and JSON reports of a compress run.
+
+Every command prints through this module, so it imports onnx-ir (0.6 s) only where a
+function needs it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import onnx_ir as ir
+from typing import TYPE_CHECKING, Any
 
 from onnxpress.atomic import atomic_open
-from onnxpress.graphs import constant_tensors
-from onnxpress.pipeline import StepRecord
-from onnxpress.stats import ModelStats
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+    from onnxpress.pipeline import StepRecord
+    from onnxpress.stats import ModelStats
 
 
 def human_bytes(n: float) -> str:
@@ -74,6 +79,10 @@ def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
 
 def model_file_bytes(path: str | os.PathLike[str], model: ir.Model) -> int:
     """Size on disk of a model file plus every external data file it names."""
+    import onnx_ir as ir
+
+    from onnxpress.graphs import constant_tensors
+
     path = Path(path)
     locations = {
         str(t.location) for _, t in constant_tensors(model) if isinstance(t, ir.ExternalTensor)

@@ -124,7 +124,7 @@ def _external_data_fingerprint(model: Path) -> list[list[Any]]:
     """
     if not model.is_file() or model.stat().st_size > _EXTERNAL_SCAN_BYTES:
         return []
-    from onnxpress.model_io import external_data_files
+    from onnxpress.external_data import external_data_files
 
     out = []
     for location in external_data_files(model):

@@ -41,7 +41,7 @@ import onnx
 
 from onnxpress import __version__
 from onnxpress.errors import InputError, RecipeError
-from onnxpress.model_io import external_data_files
+from onnxpress.external_data import external_data_files
 from onnxpress.report import format_table, human_bytes, write_json
 from onnxpress.runtime.data import ArraySource, InputSource, iter_slices, open_source
 from onnxpress.runtime.localize import NodeError

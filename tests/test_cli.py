@@ -57,6 +57,33 @@ def test_python_dash_m_works() -> None:
     assert result.returncode == 0 and "compress" in result.stdout
 
 
+def test_running_and_packing_do_not_import_onnx_ir() -> None:
+    """onnx-ir (0.6 s with sympy) is not loaded to parse run, pack or unpack, nor to start
+    a session; a command's own options are all there when only it is built."""
+    code = (
+        "import sys\n"
+        "from onnxpress.cli import build_parser\n"
+        "build_parser('run').parse_args(['run', 'm.onnx', '--input', 'd.npz', '--output', 'o'])\n"
+        "build_parser('pack').parse_args(['pack', 'm.onnx'])\n"
+        "build_parser('unpack').parse_args(['unpack', 'm.onnxz'])\n"
+        "import onnxpress, onnxpress.runtime.runner\n"
+        "onnxpress.load_session\n"
+        "print(sorted(m for m in ('onnx_ir', 'sympy', 'onnxpress.model_io') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_subcommand_is_parsed_in_full_when_only_it_is_built(capsys) -> None:
+    full = build_parser().parse_args(["pack", "m.onnx", "--level", "3"])
+    only = build_parser("pack").parse_args(["pack", "m.onnx", "--level", "3"])
+    assert vars(only) == vars(full)
+    with pytest.raises(SystemExit):  # the other commands are there by name only
+        build_parser("pack").parse_args(["unpack", "m.onnxz", "--max-ratio", "2"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_inspect_lists_interface_ops_and_constants(toy: Path, capsys) -> None:
     assert main(["inspect", str(toy)]) == 0
     out = capsys.readouterr().out

@@ -297,7 +297,7 @@ def test_default_domain_spelled_ai_onnx_loads(tmp_path: Path, rng) -> None:
 def test_external_data_files_are_found_and_inline_models_are_not_parsed(
     tmp_path: Path, rng, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from onnxpress import model_io
+    from onnxpress import external_data
 
     model = onnx.parser.parse_model("""
     <ir_version: 10, opset_import: ["" : 21]>
@@ -309,12 +309,12 @@ def test_external_data_files_are_found_and_inline_models_are_not_parsed(
     external = tmp_path / "ext" / "m.onnx"
     external.parent.mkdir()
     onnx.save(model, external, save_as_external_data=True, location="w.bin", size_threshold=0)  # edits model
-    assert model_io.external_data_files(external) == ["w.bin"]
+    assert external_data.external_data_files(external) == ["w.bin"]
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
-    assert model_io.external_data_files(empty) == []
+    assert external_data.external_data_files(empty) == []
 
     parsed: list[object] = []
-    monkeypatch.setattr(model_io.onnx, "load", lambda *args, **kwargs: parsed.append(args))
-    assert model_io.external_data_files(inline) == []
+    monkeypatch.setattr(external_data.onnx, "load", lambda *args, **kwargs: parsed.append(args))
+    assert external_data.external_data_files(inline) == []
     assert parsed == []  # no bytes 'location' in the file: nothing to parse

@@ -337,3 +337,18 @@ def test_member_names_read_as_utf8_and_undecodable_names_are_refused(packed: Pat
         PackedModel(bad)
     with pytest.raises(InputError, match="bad-name.onnxz"):
         onnxpress.load_session(bad)
+
+
+def test_element_sizes_agree_with_onnx_ir() -> None:
+    """Declared sizes are checked with format's own table of element widths (readers do not
+    import onnx-ir); it must give what onnx-ir gives for every type onnx defines."""
+    import onnx_ir as ir
+
+    from onnxpress.packing.format import dtype_bits
+
+    for name, value in onnx.TensorProto.DataType.items():
+        try:
+            expected = ir.DataType(value).bitwidth
+        except (TypeError, ValueError):
+            expected = None
+        assert dtype_bits(value) == expected, name

@@ -40,11 +40,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import google.protobuf.message
 import numpy as np
 import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxpress.atomic import publish
@@ -68,6 +68,9 @@ from onnxpress.packing.format import (
 )
 from onnxpress.packing.limits import DEFAULT_LIMITS, Limits
 from onnxpress.packing.parallel import bounded_map, decoding_pool, worker_count
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 logger = logging.getLogger(__name__)
 
@@ -575,6 +578,8 @@ def load_packed_model(
     path: str | os.PathLike[str], *, limits: Limits | None = None, threads: int | None = None
 ) -> ir.Model:
     """The model in an ``.onnxz`` as onnx_ir, decoded in memory (no temporary file)."""
+    import onnx_ir as ir  # not at the top: sessions read containers without it (0.6 s)
+
     return ir.from_proto(load_model_proto(path, limits=limits, threads=threads))
 
 
