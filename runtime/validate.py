@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -44,11 +44,12 @@ from onnxpress.errors import InputError, RecipeError
 from onnxpress.external_data import external_data_files
 from onnxpress.report import format_table, human_bytes, write_json
 from onnxpress.runtime.data import ArraySource, InputSource, iter_slices, open_source
-from onnxpress.runtime.localize import NodeError
-from onnxpress.runtime.localize import localize as localize_nodes
 from onnxpress.runtime.metrics import OutputMetrics, holds_class_scores
 from onnxpress.runtime.runner import ORT_DTYPES, BatchRunner, InputSpec, pad_rows
 from onnxpress.sessions import load_session
+
+if TYPE_CHECKING:
+    from onnxpress.runtime.localize import NodeError
 
 logger = logging.getLogger(__name__)
 
@@ -833,6 +834,8 @@ def validate(
                 BatchRunner(candidate, batch_size=batch_size, threads=threads), full, speed_repeats, rows=timed_rows)
             report.speed_repeats = speed_repeats
         if localize:
+            from onnxpress.runtime.localize import localize as localize_nodes  # imports onnx-ir (0.6 s)
+
             # localization runs bare sessions: a fixed batch size gets full batches (the last one padded)
             batches = (pad_rows(source.read(lo, hi, inputs), batch_size if fixed else None)
                        for lo, hi in iter_slices(rows, batch_size))

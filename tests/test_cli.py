@@ -57,15 +57,16 @@ def test_python_dash_m_works() -> None:
     assert result.returncode == 0 and "compress" in result.stdout
 
 
-def test_running_and_packing_do_not_import_onnx_ir() -> None:
-    """onnx-ir (0.6 s with sympy) is not loaded to parse run, pack or unpack, nor to start
-    a session; a command's own options are all there when only it is built."""
+def test_running_packing_and_validating_do_not_import_onnx_ir() -> None:
+    """onnx-ir (0.6 s with sympy) is not loaded to parse run, pack, unpack or validate, nor
+    to start a session (validate's --localize and --value-map load it when asked)."""
     code = (
         "import sys\n"
         "from onnxpress.cli import build_parser\n"
         "build_parser('run').parse_args(['run', 'm.onnx', '--input', 'd.npz', '--output', 'o'])\n"
         "build_parser('pack').parse_args(['pack', 'm.onnx'])\n"
         "build_parser('unpack').parse_args(['unpack', 'm.onnxz'])\n"
+        "build_parser('validate').parse_args(['validate', 'a.onnx', 'b.onnx'])\n"
         "import onnxpress, onnxpress.runtime.runner\n"
         "onnxpress.load_session\n"
         "print(sorted(m for m in ('onnx_ir', 'sympy', 'onnxpress.model_io') if m in sys.modules))\n"
@@ -215,3 +216,21 @@ def test_inspect_and_compress_read_packed_models(tmp_path: Path, capsys) -> None
     images, _ = load_digits_test()
     feeds = {"image": images[:32]}
     assert_bit_identical(run_ort(onnx.load(str(digits_cnn_path())), feeds), run_ort(onnx.load(str(out)), feeds))
+
+
+def test_version_needs_no_subcommand_module() -> None:
+    code = (
+        "import sys\n"
+        "from onnxpress.cli import main\n"
+        "try:\n"
+        "    main(['--version'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in sys.modules if m.endswith('_cmd')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    from onnxpress import __version__
+
+    assert result.stdout.splitlines()[0] == f"onnxpress {__version__}"
+    assert result.stdout.strip().splitlines()[-1] == "[]"

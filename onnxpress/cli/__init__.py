@@ -23,8 +23,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser with every subcommand.
 
     Args:
-        command: Build only this subcommand in full: the others get bare parsers, so their
-            modules (and what they import: onnx-ir alone takes 0.6 s) are not loaded.
+        command: Build only this subcommand in full (none when it names no subcommand): the
+            others get bare parsers, so their modules (and what they import: onnx-ir alone
+            takes 0.6 s) are not loaded.
     """
     parser = argparse.ArgumentParser(
         prog="onnxpress",
@@ -52,7 +53,10 @@ def _command_in(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI and returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command_in(argv))
+    command = _command_in(argv)
+    if command is None and "--version" in argv and not {"-h", "--help"} & set(argv):
+        command = ""  # every subcommand bare: the version needs none of them
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)

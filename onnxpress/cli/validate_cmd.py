@@ -10,7 +10,6 @@ from tqdm import tqdm
 
 from onnxpress.errors import EXIT_VALIDATION_FAILED, InputError
 from onnxpress.recipes import load_recipe
-from onnxpress.runtime.localize import load_value_map
 from onnxpress.runtime.validate import Tolerances, validate
 
 #: Flags that set a tolerance: (flag, Tolerances field, help).
@@ -120,6 +119,14 @@ def tolerances_from(args: argparse.Namespace) -> Tolerances:
     return Tolerances(**values)
 
 
+def _value_map(path: str | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    from onnxpress.runtime.localize import load_value_map  # imports onnx-ir (0.6 s)
+
+    return load_value_map(path)
+
+
 def run(args: argparse.Namespace) -> int:
     tolerances = tolerances_from(args)
     _check_writable("--report", args.report)
@@ -136,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             samples=args.samples, tolerances=tolerances, dims=parse_dims(args.dim),
             measure_speed=not args.no_speed, localize=args.localize, threads=args.threads,
             localize_batches=args.localize_batches, progress=progress,
-            value_map=load_value_map(args.value_map) if args.value_map else None,
+            value_map=_value_map(args.value_map),
         )
     finally:
         bar.close()
