@@ -699,9 +699,9 @@ def packed_session(
             ort_ready()
             return ort.InferenceSession(str(model_path), options, providers=providers)
         if packed.total_raw_bytes < SERIAL_DECODE_BYTES:
-            # All on the calling thread, each digest checked as its tensor decodes: a pool
-            # thread cannot start hashing while onnxruntime builds (the build holds the
-            # GIL), and handing it the work cost 0.3-1 ms against 0.1 ms of hashing.
+            # All on the calling thread, each digest checked as its tensor decodes: handing
+            # 0.1 ms of hashing to a pool thread cost more than it saved (the thread waits
+            # for the GIL, which onnxruntime holds through most of a small model's build).
             proto = packed.graph_proto()
             data = packed.decode_all(threads, as_bytes=False, verify=True)
             packed.close()
