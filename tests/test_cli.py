@@ -234,3 +234,12 @@ def test_version_needs_no_subcommand_module() -> None:
 
     assert result.stdout.splitlines()[0] == f"onnxpress {__version__}"
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--help", "run"], ["-v", "-h", "pack"]])
+def test_top_level_help_describes_every_command(argv: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "dataset" in out and "entropy-coded" in out  # run's and pack's one-line help

@@ -45,9 +45,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _command_in(argv: Sequence[str]) -> str | None:
-    """The subcommand ``argv`` names (its first word that is not an option), if it is one."""
-    word = next((a for a in argv if not a.startswith("-")), None)
-    return word if word is not None and f"{word}_cmd" in COMMANDS else None
+    """The subcommand ``argv`` names (its first word that is not an option), if it is one.
+
+    None when the top-level help is asked for before it (that help lists every command).
+    """
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return None
+        if not arg.startswith("-"):
+            return arg if f"{arg}_cmd" in COMMANDS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
