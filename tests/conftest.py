@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -106,3 +108,10 @@ def assert_same_outputs(
 def op_types(proto: onnx.ModelProto) -> list[str]:
     """Op types of the main graph's nodes, in order."""
     return [n.op_type for n in proto.graph.node]
+
+
+def python_stdout(code: str) -> str:
+    """Runs ``code`` in a fresh interpreter (imports start from nothing) and returns its stdout."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import assert_bit_identical, parse, run_ort
+from conftest import assert_bit_identical, parse, python_stdout, run_ort
 from onnxpress.cli import COMMANDS, build_parser, main
 from onnxpress.models.digits import digits_cnn_path, load_digits_test
 
@@ -71,9 +71,8 @@ def test_running_packing_and_validating_do_not_import_onnx_ir() -> None:
         "onnxpress.load_session\n"
         "print(sorted(m for m in ('onnx_ir', 'sympy', 'onnxpress.model_io') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    stdout = python_stdout(code)
+    assert stdout.strip() == "[]"
 
 
 def test_a_subcommand_is_parsed_in_full_when_only_it_is_built(capsys) -> None:
@@ -228,12 +227,11 @@ def test_version_needs_no_subcommand_module() -> None:
         "    pass\n"
         "print(sorted(m for m in sys.modules if m.endswith('_cmd')))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
+    stdout = python_stdout(code)
     from onnxpress import __version__
 
-    assert result.stdout.splitlines()[0] == f"onnxpress {__version__}"
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert stdout.splitlines()[0] == f"onnxpress {__version__}"
+    assert stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--help", "run"], ["-v", "-h", "pack"]])

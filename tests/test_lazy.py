@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import subprocess
-import sys
 
 import pytest
+
+from conftest import python_stdout
 
 
 @pytest.mark.parametrize("package", ["onnxpress", "onnxpress.runtime", "onnxpress.converters"])
@@ -19,7 +19,7 @@ def test_every_public_name_resolves_to_its_definition(package: str) -> None:
             assert value is getattr(importlib.import_module(source), name)
         assert name in dir(module)
     with pytest.raises(AttributeError, match="no_such_name"):
-        getattr(module, "no_such_name")
+        _ = module.no_such_name
 
 
 def test_importing_the_package_loads_none_of_its_modules() -> None:
@@ -28,9 +28,8 @@ def test_importing_the_package_loads_none_of_its_modules() -> None:
         "from onnxpress import load_session\n"  # a from-import goes through __getattr__ too
         "print(sorted(m for m in sys.modules if m.startswith('onnxpress.')))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    loaded = set(eval(result.stdout))  # noqa: S307 - our own printout of a list of names
+    stdout = python_stdout(code)
+    loaded = set(eval(stdout))  # our own printout of a list of names
     assert "onnxpress.sessions" in loaded
     assert not loaded & {"onnxpress.model_io", "onnxpress.pipeline", "onnxpress.runtime.validate"}
 
@@ -42,6 +41,5 @@ def test_a_function_named_like_its_submodule_stays_the_function() -> None:
         "importlib.import_module('onnxpress.runtime.localize')\n"
         "print(callable(r.validate) and callable(r.localize), type(r.runner).__name__)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["True", "module"]  # other submodules stay modules
+    stdout = python_stdout(code)
+    assert stdout.split() == ["True", "module"]  # other submodules stay modules
