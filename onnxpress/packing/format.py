@@ -423,11 +423,31 @@ def iter_tensor_protos(message: Any, *, every_field: bool = False) -> list[onnx.
     return found
 
 
+_A = onnx.AttributeProto
+#: Attribute types that hold no tensor.
+_PLAIN_ATTRIBUTES = frozenset(
+    (_A.INT, _A.INTS, _A.FLOAT, _A.FLOATS, _A.STRING, _A.STRINGS, _A.TYPE_PROTO, _A.TYPE_PROTOS)
+)
+#: The field each tensor-holding attribute type keeps its value in, and whether it repeats.
+_ATTRIBUTE_FIELDS: dict[int, tuple[tuple[str, bool]]] = {
+    _A.TENSOR: (("t", False),),
+    _A.TENSORS: (("tensors", True),),
+    _A.GRAPH: (("g", False),),
+    _A.GRAPHS: (("graphs", True),),
+    _A.SPARSE_TENSOR: (("sparse_tensor", False),),
+    _A.SPARSE_TENSORS: (("sparse_tensors", True),),
+}
+
+
 def _collect(message: Any, found: list[onnx.TensorProto], every_field: bool) -> None:
+    paths = None
     if type(message) is onnx.AttributeProto and not every_field:
-        _collect_attribute(message, found)
-        return
-    for name, repeated in _tensor_paths(message.DESCRIPTOR):
+        kind = message.type
+        if kind in _PLAIN_ATTRIBUTES:
+            return
+        paths = _ATTRIBUTE_FIELDS.get(kind)
+        every_field = paths is None  # unset (or a type newer than this reader): every field
+    for name, repeated in paths or _tensor_paths(message.DESCRIPTOR):
         if repeated:
             items = getattr(message, name)
             if not items:  # far cheaper than iterating an empty repeated field
@@ -439,47 +459,8 @@ def _collect(message: Any, found: list[onnx.TensorProto], every_field: bool) -> 
         for item in items:
             if type(item) is onnx.TensorProto:
                 found.append(item)
-            elif type(item) is onnx.AttributeProto and not every_field:
-                _collect_attribute(item, found)
             else:
                 _collect(item, found, every_field)
-
-
-_A = onnx.AttributeProto
-#: Attribute types that hold no tensor.
-_PLAIN_ATTRIBUTES = frozenset(
-    (_A.INT, _A.INTS, _A.FLOAT, _A.FLOATS, _A.STRING, _A.STRINGS, _A.TYPE_PROTO, _A.TYPE_PROTOS)
-)
-#: The field each tensor-holding attribute type keeps its value in, and whether it repeats.
-_ATTRIBUTE_FIELDS: dict[int, tuple[str, bool]] = {
-    _A.TENSOR: ("t", False),
-    _A.TENSORS: ("tensors", True),
-    _A.GRAPH: ("g", False),
-    _A.GRAPHS: ("graphs", True),
-    _A.SPARSE_TENSOR: ("sparse_tensor", False),
-    _A.SPARSE_TENSORS: ("sparse_tensors", True),
-}
-
-
-def _collect_attribute(attribute: onnx.AttributeProto, found: list[onnx.TensorProto]) -> None:
-    kind = attribute.type
-    if kind in _PLAIN_ATTRIBUTES:
-        return
-    if kind not in _ATTRIBUTE_FIELDS:  # unset (or a type newer than this reader): every field
-        _collect(attribute, found, True)
-        return
-    name, repeated = _ATTRIBUTE_FIELDS[kind]
-    if repeated:
-        items = getattr(attribute, name)
-    elif attribute.HasField(name):
-        items = (getattr(attribute, name),)
-    else:
-        return
-    for item in items:
-        if type(item) is onnx.TensorProto:
-            found.append(item)
-        else:
-            _collect(item, found, False)
 
 
 _PATHS: dict[str, tuple[tuple[str, bool], ...]] = {}
